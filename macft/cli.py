@@ -1,0 +1,166 @@
+"""The ``macft`` command line.
+
+Light by design: this module imports neither torch nor mlx (nor transformers),
+so ``macft --help`` and every ``macft <command> --help`` answer at once on any
+machine. Each command's implementation is imported only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from . import __version__
+from .config import FieldSpec, field_specs
+
+Handler = str  # "module:function", imported lazily
+
+
+def _metavar(spec: FieldSpec) -> str:
+    tp = spec.type
+    if typing.get_origin(tp) is typing.Literal:
+        return "{" + ",".join(typing.get_args(tp)) + "}"
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if typing.get_origin(tp) in (typing.Union,) and args else tp
+    if typing.get_origin(base) is list:
+        return "A,B,..."
+    return {int: "N", float: "X", str: "TEXT"}.get(base, "VALUE")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...],
+                     skip: tuple[str, ...] = ()) -> None:
+    """One flag per config field; values stay raw strings, resolved by macft.config."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for spec in field_specs(sections):
+        if not spec.cli or spec.key in skip:
+            continue
+        g = groups.get(spec.section)
+        if g is None:
+            g = groups[spec.section] = parser.add_argument_group(f"{spec.section} (config section '{spec.section}:')")
+        default = ",".join(spec.default) if isinstance(spec.default, list) else spec.default
+        help_text = f"{spec.help} [{spec.key}; default: {default}]"
+        if spec.type is bool:
+            g.add_argument(spec.flag, dest=spec.dest, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=help_text)
+        else:
+            g.add_argument(spec.flag, dest=spec.dest, default=argparse.SUPPRESS,
+                           metavar=_metavar(spec), help=help_text)
+
+
+def cli_values(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str, Any]:
+    return {s.key: getattr(args, s.dest) for s in field_specs(sections) if hasattr(args, s.dest)}
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config; command-line flags override it.")
+    p.add_argument("--resume", metavar="RUN", help="Continue an interrupted run from its last checkpoint.")
+    add_config_flags(p, ("model", "lora", "data", "train"))
+
+
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", metavar="DATA", help="A data file, a directory with train/valid files, or a HF dataset id.")
+    p.add_argument("--model", required=False, help="Model whose tokenizer and chat template render the data.")
+    p.add_argument("--config", metavar="FILE.yaml", help="Take model and data settings from a YAML config.")
+    p.add_argument("--json", action="store_true", help="Print one JSON object (for scripts) instead of tables.")
+    p.add_argument("--examples", type=int, default=2, metavar="N", help="Rendered examples to show (default 2).")
+    add_config_flags(p, ("data",), skip=("data.train",))
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {
+    "train": ("Fine-tune a model with LoRA / QLoRA (MLX or PyTorch backend).", _train_args,
+              "macft.commands.train:run"),
+}
+DATA_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {
+    "inspect": ("Show the detected format, token counts, masks and truncation of a data set.",
+                _inspect_args, "macft.commands.data_inspect:run"),
+}
+
+
+def register(name: str, help: str, add_args: Callable[[argparse.ArgumentParser], None],
+             handler: Handler) -> None:
+    COMMANDS[name] = (help, add_args, handler)
+
+
+def _load_extra_commands() -> None:
+    # Commands defined in other light modules register themselves here.
+    from . import commands  # noqa: F401  (macft/commands/__init__.py registers them)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_extra_commands()
+    parser = argparse.ArgumentParser(
+        prog="macft",
+        description="Fine-tune small open LLMs on your own chat data, on your own machine, "
+                    "and take home a verified quantized GGUF.")
+    parser.add_argument("--version", action="version", version=f"macft {__version__}")
+    parser.add_argument("--debug", action="store_true", help="Show tracebacks for errors.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, add_args, handler) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        add_args(p)
+        p.set_defaults(_handler=handler)
+    data = sub.add_parser("data", help="Work with data sets (inspect).", description="Work with data sets.")
+    dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    for name, (help_text, add_args, handler) in DATA_COMMANDS.items():
+        p = dsub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        add_args(p)
+        p.set_defaults(_handler=handler)
+    data.set_defaults(_parser=data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "_handler", None)
+    if handler is None:
+        (getattr(args, "_parser", None) or parser).print_help()
+        return 0 if args.command is None and not argv else 2
+    from .errors import MacftError
+
+    try:
+        module, func = handler.split(":")
+        rc = getattr(importlib.import_module(module), func)(args)
+        return int(rc or 0)
+    except MacftError as e:
+        if args.debug:
+            raise
+        _print_error(e)
+        return e.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        from .ui import console
+
+        console.print("[yellow]Interrupted.[/]")
+        return 130
+
+
+def _print_error(e: Exception) -> None:
+    from .ui import console
+
+    msg = getattr(e, "message", str(e))
+    hint = getattr(e, "hint", None)
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False)
+    if hint:
+        console.print(f"[bold]fix:[/] {escape(hint)}")
+    console.print("[dim](run with --debug for the traceback)[/]")
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,212 @@
+"""`macft train`: resolve the config, prepare data, pick a backend, train, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..backends import TrainJob, choose_auto, get_backend
+from ..cli import cli_values
+from ..config import RunConfig, build_config, dump_yaml, load_run_config, validate
+from ..data.batching import BatchPlan, eval_batches, padding_share
+from ..data.dataset import build_data
+from ..data.render import Renderer
+from ..data.tokenizer import load_tokenizer
+from ..errors import BackendUnavailable, MacftError
+from ..models import read_model_config, resolve_model_path
+from ..training.events import CallbackList, TrainingCallback
+from ..training.loop import LoopResult, LoopSettings, latest_checkpoint, read_position
+from ..training.progress import RichProgress, summary_table
+from ..training.rundir import (
+    LossPlot,
+    MetricsWriter,
+    prepare_run_dir,
+    remove_failed_run,
+    truncate_metrics,
+    write_text_atomic,
+)
+from ..training.schedule import make_schedule, total_steps
+from ..ui import console, task_progress, warn
+
+RESUME_OVERRIDABLE = {"train.iters", "train.epochs", "train.eval_every", "train.save_every",
+                      "train.log_every"}
+
+
+def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path | None]:
+    """The run's config (CLI > YAML > defaults) and, for --resume, the checkpoint."""
+    values = cli_values(args, ("model", "lora", "data", "train"))
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved, _ = load_run_config(run_dir)
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise MacftError(f"{run_dir} has no checkpoint to resume from.",
+                             "Start a new run; checkpoints are written every --save-every steps and on Ctrl-C.")
+        bad = sorted(set(values) - RESUME_OVERRIDABLE)
+        if bad or args.config:
+            raise MacftError(
+                "A resumed run keeps its own settings; only these may change: "
+                + ", ".join(sorted(RESUME_OVERRIDABLE)) + (f" (got {', '.join(bad)})" if bad else ""),
+                "Drop the other flags (and --config), or start a new run.")
+        cfg = build_config(base=saved.to_dict(), cli_values=values)
+        cfg.train.output = str(run_dir)
+        return cfg, ckpt
+    cfg = build_config(args.config, values)
+    validate(cfg, require=("model.name", "data.train"))
+    return cfg, None
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg, ckpt = resolve(args)
+    validate(cfg)
+    # -- backend ---------------------------------------------------------------
+    name, auto_warning = (choose_auto() if cfg.train.backend == "auto" else (cfg.train.backend, None))
+    backend = get_backend(name)
+    if auto_warning:
+        warn(auto_warning)
+    model_path = resolve_model_path(cfg.model.name, revision=cfg.model.revision)  # type: ignore[arg-type]
+    model_config = read_model_config(model_path)
+    problems = backend.check(cfg, model_config)
+    if problems:
+        raise BackendUnavailable(name, problems)
+
+    # -- data --------------------------------------------------------------------
+    tok = load_tokenizer(str(model_path))
+    renderer = Renderer(tok, cfg.data.loss_on)
+    with task_progress() as prog:
+        t = prog.add_task("tokenizing", total=None)
+        data = build_data(cfg.data.train, cfg.data.valid, renderer, fmt=cfg.data.format,  # type: ignore[arg-type]
+                          max_seq_len=cfg.data.max_seq_len, valid_fraction=cfg.data.valid_fraction,
+                          seed=cfg.train.seed, split=cfg.data.split,
+                          progress=lambda n: prog.advance(t, n))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    plan = BatchPlan(data.train, cfg.train.batch_size, seed=cfg.train.seed, pad_id=pad_id,
+                     packing=cfg.data.packing, max_seq_len=cfg.data.max_seq_len)
+    valid = eval_batches(data.valid, cfg.train.batch_size, pad_id)
+    steps = total_steps(cfg.train.iters, cfg.train.epochs, plan.batches_per_epoch(), cfg.train.grad_accum)
+    settings = LoopSettings(
+        total_steps=steps, grad_accum=cfg.train.grad_accum,
+        schedule=make_schedule(cfg.train.schedule, cfg.train.learning_rate, steps, cfg.train.warmup_ratio),
+        max_grad_norm=cfg.train.max_grad_norm, eval_every=cfg.train.eval_every,
+        save_every=cfg.train.save_every, log_every=cfg.train.log_every)
+    _print_data_summary(data, plan, renderer)
+
+    # -- run directory -------------------------------------------------------------
+    created = False
+    if ckpt is None:
+        run_dir = prepare_run_dir(cfg.train.output, cfg.model.name)  # type: ignore[arg-type]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        created = True
+    else:
+        run_dir = Path(cfg.train.output)  # type: ignore[arg-type]
+        pos = read_position(ckpt)
+        if pos.step >= steps:
+            raise MacftError(f"{run_dir} already finished {pos.step} of {steps} steps.",
+                             "Raise --iters (or --epochs) to train further.")
+        truncate_metrics(run_dir, pos.step)
+        console.print(f"Resuming {run_dir} from step {pos.step} ({ckpt.name}).")
+    resolved = _resolved(cfg, name, backend.device(), model_path, model_config, renderer, data, steps)
+    write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg, resolved))
+
+    job = TrainJob(cfg, model_path, model_config, tok, data, plan, valid, settings, run_dir, ckpt)
+    callbacks: list[TrainingCallback] = [RichProgress(), MetricsWriter(run_dir), LossPlot(run_dir)]
+    try:
+        result = backend.train(job, CallbackList(callbacks))
+    except BaseException:
+        if created:
+            remove_failed_run(run_dir)
+        raise
+    _finish(run_dir, cfg, result, job, resolved)
+    return 130 if result.interrupted else 0
+
+
+def _print_data_summary(data: Any, plan: BatchPlan, renderer: Renderer) -> None:
+    s = data.train_stats
+    v = data.valid_stats
+    pad = padding_share([plan.batch(0, i) for i in range(min(plan.batches_per_epoch(), 200))])
+    line = (f"Data: {data.format} format, {s.examples} train examples "
+            f"({s.trained_tokens:,} of {s.total_tokens:,} tokens trained)")
+    if v:
+        line += f", {v.examples} validation examples ({data.valid_from})"
+    line += f"; {plan.batches_per_epoch()} batches per epoch, {pad:.0%} padding"
+    console.print(line)
+    dropped = s.dropped + (v.dropped if v else 0)
+    truncated = s.truncated + (v.truncated if v else 0)
+    if truncated or dropped:
+        warn(f"{truncated} example(s) truncated to --max-seq-len, {dropped} dropped for having no "
+             "trained token left.")
+    if renderer.uses_fallback_template:
+        warn("The tokenizer has no chat template: using macft's fallback '### User / ### Assistant' "
+             "template (README 'Chat templates'). Export writes it into the GGUF.")
+
+
+def _resolved(cfg: RunConfig, backend: str, device: str, model_path: Path, model_config: dict,
+              renderer: Renderer, data: Any, steps: int) -> dict[str, Any]:
+    from ..data.render import FALLBACK_TEMPLATE
+
+    return {
+        "macft_version": __version__,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "host": platform.node(),
+        "backend": backend,
+        "device": device,
+        "model_path": str(model_path),
+        "model_type": model_config.get("model_type"),
+        "architectures": model_config.get("architectures"),
+        "chat_template": "fallback" if renderer.uses_fallback_template else "model",
+        "fallback_template": FALLBACK_TEMPLATE if renderer.uses_fallback_template else None,
+        "end_tokens": renderer.end_tokens(),
+        "data_format": data.format,
+        "valid_from": data.valid_from,
+        "train_stats": data.train_stats.summary(),
+        "valid_stats": data.valid_stats.summary() if data.valid_stats else None,
+        "total_steps": steps,
+    }
+
+
+def _finish(run_dir: Path, cfg: RunConfig, result: LoopResult, job: TrainJob,
+            resolved: dict[str, Any]) -> None:
+    summary = {
+        "steps": result.step,
+        "interrupted": result.interrupted,
+        "final_train_loss": result.final_train_loss,
+        "final_val_loss": result.final_val_loss,
+        "best_val_loss": result.best_val_loss,
+        "best_step": result.best_step,
+        "trained_tokens": result.trained_tokens,
+        "seconds": round(result.seconds, 2),
+        "tokens_per_sec": result.trained_tokens / result.seconds if result.seconds else None,
+        "peak_memory_gb": result.peak_memory_gb,
+        "backend": resolved["backend"],
+        "device": resolved["device"],
+        "notes": job.notes,
+    }
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    if result.interrupted:
+        console.print(f"[yellow]Stopped at step {result.step}; a checkpoint is saved.[/]\n"
+                      f"Resume with: [bold]macft train --resume {run_dir}[/]")
+        return
+    rows = [
+        ("steps", str(result.step)),
+        ("train loss", f"{result.final_train_loss:.4f}" if result.final_train_loss is not None else "-"),
+        ("validation loss", f"{result.final_val_loss:.4f}" if result.final_val_loss is not None else "-"),
+        ("best validation", f"{result.best_val_loss:.4f} (step {result.best_step})"
+         if result.best_val_loss is not None else "-"),
+        ("trained tokens", f"{result.trained_tokens:,} ({summary['tokens_per_sec'] or 0:,.0f} tok/s)"),
+        ("time", f"{result.seconds:.1f} s"),
+        ("peak memory", f"{result.peak_memory_gb:.2f} GB"),
+    ]
+    for n in job.notes:
+        rows.append(("note", n))
+    console.print(summary_table(rows))
+    console.print(f"Outputs in [bold]{run_dir}[/]: adapter/ (PEFT), best_adapter/, metrics.jsonl, loss.png, "
+                  "config.yaml")
+    console.print(f"Next: [bold]macft export --run {run_dir}[/]")
+    if os.environ.get("MACFT_PRINT_RUN_DIR"):
+        print(run_dir)

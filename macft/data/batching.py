@@ -1,0 +1,164 @@
+"""Batches shared by both backends: length-grouped with minimal padding, or packed.
+
+A :class:`Batch` holds numpy arrays only; each backend turns them into its own
+tensors. Conventions (both backends rely on them):
+
+- ``input_ids[b, t]``: tokens, padded with ``pad_id``.
+- ``loss_mask[b, t] == 1``: token ``t`` is a target, predicted from the logits at
+  ``t - 1``. So the loss uses ``logits[:, :-1]`` against ``input_ids[:, 1:]``
+  weighted by ``loss_mask[:, 1:]``. Padding and the first token of every
+  example (packed or not) are never targets.
+- ``position_ids``: 0, 1, 2, ... restarting at every packed example.
+- ``segment_ids``: 1, 2, ... per example in a row, 0 for padding. A backend that
+  honours them attends only within a segment.
+
+Order is deterministic for (seed, epoch): rows are shuffled, grouped into
+"mega-batches" of ``MEGA`` batches, sorted by length inside each, cut into
+batches, and the batches shuffled again. Packing fills rows of ``max_seq_len``
+tokens first-fit-decreasing inside each mega-batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dataset import Example
+
+MEGA = 64  # batches per sorting window: larger = less padding, less randomness
+PAD_MULTIPLE = 8  # pad the time axis to a multiple of this (fewer distinct shapes)
+
+
+@dataclass
+class Batch:
+    input_ids: np.ndarray  # int32 [B, T]
+    loss_mask: np.ndarray  # float32 [B, T]
+    position_ids: np.ndarray  # int32 [B, T]
+    segment_ids: np.ndarray  # int32 [B, T]
+    n_examples: int
+    packed: bool = False
+
+    @property
+    def n_tokens(self) -> int:
+        """Real (non-padding) tokens."""
+        return int((self.segment_ids > 0).sum())
+
+    @property
+    def n_trained(self) -> int:
+        return int(self.loss_mask.sum())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)  # type: ignore[return-value]
+
+
+def collate(rows: list[list[Example]], pad_id: int, packed: bool) -> Batch:
+    """Each row is one example, or several packed ones."""
+    lengths = [sum(len(e) for e in row) for row in rows]
+    t = int(math.ceil(max(lengths) / PAD_MULTIPLE) * PAD_MULTIPLE)
+    b = len(rows)
+    ids = np.full((b, t), pad_id, np.int32)
+    mask = np.zeros((b, t), np.float32)
+    pos = np.zeros((b, t), np.int32)
+    seg = np.zeros((b, t), np.int32)
+    n = 0
+    for i, row in enumerate(rows):
+        off = 0
+        for k, e in enumerate(row, start=1):
+            L = len(e)
+            ids[i, off:off + L] = e.ids
+            mask[i, off:off + L] = e.mask
+            mask[i, off] = 0  # never predict an example's first token from the one before
+            pos[i, off:off + L] = np.arange(L, dtype=np.int32)
+            seg[i, off:off + L] = k
+            off += L
+            n += 1
+    return Batch(ids, mask, pos, seg, n, packed)
+
+
+class BatchPlan:
+    """Deterministic batches for every epoch; positions are (epoch, index)."""
+
+    def __init__(self, examples: list[Example], batch_size: int, *, seed: int, pad_id: int,
+                 packing: bool = False, max_seq_len: int = 2048, shuffle: bool = True):
+        if not examples:
+            raise ValueError("no examples to batch")
+        self.examples = examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_id = pad_id
+        self.packing = packing
+        self.max_seq_len = max_seq_len
+        self.shuffle = shuffle
+        self._cache: dict[int, list[list[list[int]]]] = {}
+
+    def rows_for_epoch(self, epoch: int) -> list[list[list[int]]]:
+        """Batches of rows of example indices."""
+        if epoch in self._cache:
+            return self._cache[epoch]
+        rng = random.Random(f"batches-{self.seed}-{epoch}")
+        order = list(range(len(self.examples)))
+        if self.shuffle:
+            rng.shuffle(order)
+        else:
+            order.sort(key=lambda i: -len(self.examples[i]))
+        window = self.batch_size * MEGA
+        batches: list[list[list[int]]] = []
+        for w in range(0, len(order), window):
+            chunk = sorted(order[w:w + window], key=lambda i: -len(self.examples[i]))
+            rows = self._pack(chunk) if self.packing else [[i] for i in chunk]
+            batches += [rows[k:k + self.batch_size] for k in range(0, len(rows), self.batch_size)]
+        if self.shuffle:
+            rng.shuffle(batches)
+        self._cache = {epoch: batches}
+        return batches
+
+    def _pack(self, chunk: list[int]) -> list[list[int]]:
+        """First-fit-decreasing bins of at most max_seq_len tokens (chunk is sorted)."""
+        bins: list[list[int]] = []
+        space: list[int] = []
+        for i in chunk:
+            L = len(self.examples[i])
+            for k, free in enumerate(space):
+                if L <= free:
+                    bins[k].append(i)
+                    space[k] -= L
+                    break
+            else:
+                bins.append([i])
+                space.append(self.max_seq_len - L)
+        return bins
+
+    def batches_per_epoch(self) -> int:
+        return len(self.rows_for_epoch(0))
+
+    def batch(self, epoch: int, index: int) -> Batch:
+        rows = self.rows_for_epoch(epoch)[index]
+        return collate([[self.examples[i] for i in r] for r in rows], self.pad_id, self.packing)
+
+    def iterate(self, epoch: int = 0, index: int = 0) -> Iterator[tuple[int, int, Batch]]:
+        """Endless stream of (epoch, index, batch) starting at a position."""
+        while True:
+            n = len(self.rows_for_epoch(epoch))
+            while index < n:
+                yield epoch, index, self.batch(epoch, index)
+                index += 1
+            epoch, index = epoch + 1, 0
+
+
+def eval_batches(examples: list[Example], batch_size: int, pad_id: int) -> list[Batch]:
+    """Validation batches: sorted by length, fixed order, no packing."""
+    if not examples:
+        return []
+    plan = BatchPlan(examples, batch_size, seed=0, pad_id=pad_id, shuffle=False)
+    return [plan.batch(0, i) for i in range(plan.batches_per_epoch())]
+
+
+def padding_share(batches: list[Batch]) -> float:
+    total = sum(b.input_ids.size for b in batches)
+    real = sum(b.n_tokens for b in batches)
+    return 1.0 - real / total if total else 0.0

@@ -1,0 +1,87 @@
+"""User-facing errors.
+
+Library code raises these; the CLI catches them once, prints one paragraph
+(what was found, what was expected, the exact fix) and exits with code 2.
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class MacftError(Exception):
+    """An error the user can fix. ``hint`` is the fix, printed on its own line."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\nFix: {self.hint}"
+
+
+class ConfigError(MacftError):
+    """Every configuration problem found, reported at once."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        where = f" in {source}" if source else ""
+        n = len(self.problems)
+        head = f"{n} configuration problem{'s' if n != 1 else ''}{where}:"
+        body = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{head}\n{body}")
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a record came from: a file and a 1-based line (or row / item index)."""
+
+    path: str
+    line: int | None = None
+    unit: str = "line"  # "line", "row" (CSV, Parquet) or "item" (JSON arrays, HF datasets)
+
+    def __str__(self) -> str:
+        return self.path if self.line is None else f"{self.path}, {self.unit} {self.line}"
+
+
+class DataError(MacftError):
+    """A problem in the user's data, naming the file, the line and the field."""
+
+    def __init__(
+        self,
+        where: Location | str | Path,
+        message: str,
+        field: str | None = None,
+        hint: str | None = None,
+    ):
+        self.where = where
+        self.field = field
+        loc = str(where)
+        fld = f", field '{field}'" if field else ""
+        super().__init__(f"{loc}{fld}: {message}", hint)
+
+
+class BackendUnavailable(MacftError):
+    """The chosen backend cannot run on this machine; ``problems`` says why."""
+
+    def __init__(self, backend: str, problems: list[str], hint: str | None = None):
+        self.backend = backend
+        self.problems = problems
+        body = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"The '{backend}' backend cannot run here:\n{body}", hint)
+
+
+class ToolError(MacftError):
+    """An external tool (cmake, llama.cpp, a converter) failed."""
+
+    def __init__(self, command: list[str] | str, output_tail: str, hint: str | None = None):
+        cmd = command if isinstance(command, str) else " ".join(str(c) for c in command)
+        self.command = cmd
+        self.output_tail = output_tail
+        tail = "\n".join("    " + ln for ln in output_tail.strip().splitlines()[-15:])
+        super().__init__(f"This command failed:\n    {cmd}\nIts last output lines:\n{tail}", hint)

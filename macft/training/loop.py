@@ -1,0 +1,303 @@
+"""The training loop, shared by both backends. A backend supplies only the math.
+
+``train(engine, plan, valid, settings, run, callback)``:
+
+- one optimizer step = ``grad_accum`` micro-batches (times the number of
+  data-parallel processes). The loss is the mean cross-entropy over every trained
+  token of the step: the engine accumulates *summed* losses and gradients, and
+  :meth:`Engine.optimizer_step` divides by the step's token count, so long and
+  short examples weigh per token, whatever the batching.
+- the learning rate comes from :mod:`macft.training.schedule`.
+- validation every ``eval_every`` steps and at the end; the adapter with the best
+  validation loss is kept in ``best_adapter/`` beside the last one in ``adapter/``.
+- a checkpoint every ``save_every`` steps, on Ctrl-C and at the end: adapter,
+  optimizer state, RNG state, step and data position. ``resume`` continues the
+  same loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..data.batching import Batch, BatchPlan
+from ..errors import MacftError
+from .events import (
+    CheckpointSaved,
+    EvalReport,
+    StepReport,
+    TrainEnd,
+    TrainingCallback,
+    TrainStart,
+)
+from .schedule import Schedule
+
+KEEP_CHECKPOINTS = 2
+STATE_FILE = "trainer_state.json"
+
+
+class Engine(Protocol):
+    """What a backend implements for the shared loop (the math only)."""
+
+    name: str
+    device: str
+    rank: int
+    world_size: int
+
+    def train_micro(self, batch: Batch) -> tuple[float, int]:
+        """Forward + backward on one micro-batch. Gradients of the *summed* token
+        loss accumulate until :meth:`optimizer_step`. Returns (loss sum, trained tokens)."""
+
+    def optimizer_step(self, lr: float, n_tokens: int, max_grad_norm: float) -> float:
+        """Scale the accumulated gradients by 1/n_tokens (n_tokens over all processes),
+        clip, apply AdamW at ``lr``, zero the gradients. Returns the gradient norm."""
+
+    def discard_gradients(self) -> None:
+        """Drop gradients accumulated since the last optimizer step."""
+
+    def eval_batch(self, batch: Batch) -> tuple[float, int]:
+        """Loss sum and trained tokens, no gradients."""
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Sum values over data-parallel processes (identity for one process)."""
+
+    def save_adapter(self, path: Path) -> None:
+        """Write the PEFT-format adapter (and any native format) into ``path``."""
+
+    def save_state(self, path: Path) -> None:
+        """Write what resuming needs beyond the adapter: optimizer, RNG."""
+
+    def load_state(self, path: Path) -> None:
+        """Restore adapter weights, optimizer and RNG from a checkpoint directory."""
+
+    def peak_memory_gb(self) -> float: ...
+
+    def param_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters."""
+
+
+@dataclass
+class LoopSettings:
+    total_steps: int
+    grad_accum: int
+    schedule: Schedule
+    max_grad_norm: float
+    eval_every: int
+    save_every: int
+    log_every: int
+
+
+@dataclass
+class LoopResult:
+    step: int
+    interrupted: bool
+    best_val_loss: float | None
+    best_step: int | None
+    final_val_loss: float | None
+    final_train_loss: float | None
+    trained_tokens: int
+    seconds: float
+    peak_memory_gb: float
+
+
+@dataclass
+class Position:
+    step: int = 0
+    epoch: int = 0
+    index: int = 0
+    trained_tokens: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    train_seconds: float = 0.0
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ck = sorted((run_dir / "checkpoints").glob("step-*"))
+    ck = [c for c in ck if (c / STATE_FILE).is_file()]
+    return ck[-1] if ck else None
+
+
+def read_position(ckpt: Path) -> Position:
+    return Position(**json.loads((ckpt / STATE_FILE).read_text()))
+
+
+def _rank_stream(plan: BatchPlan, pos: Position, rank: int, world: int) -> Iterator[tuple[int, int, Batch]]:
+    """Micro-batches for this process: every ``world``-th one of the global stream."""
+    for k, item in enumerate(plan.iterate(pos.epoch, pos.index)):
+        if k % world == rank:
+            yield item
+
+
+def evaluate(engine: Engine, batches: list[Batch]) -> tuple[float, int]:
+    total, n = 0.0, 0
+    for i, b in enumerate(batches):
+        if i % engine.world_size != engine.rank:
+            continue
+        s, k = engine.eval_batch(b)
+        total += s
+        n += k
+    total, n = engine.all_sum([total, float(n)])
+    return (total / n if n else float("nan")), int(n)
+
+
+def train(
+    engine: Engine,
+    plan: BatchPlan,
+    valid: list[Batch],
+    settings: LoopSettings,
+    run_dir: Path,
+    callback: TrainingCallback,
+    resume_from: Path | None = None,
+) -> LoopResult:
+    main = engine.rank == 0
+    pos = Position()
+    if resume_from is not None:
+        pos = read_position(resume_from)
+        engine.load_state(resume_from)
+    trainable, total_params = engine.param_counts()
+    per_epoch = plan.batches_per_epoch()
+    callback.on_start(TrainStart(
+        total_steps=settings.total_steps, start_step=pos.step,
+        steps_per_epoch=max(1, math.ceil(per_epoch / (settings.grad_accum * engine.world_size))),
+        examples=len(plan.examples), backend=engine.name, device=engine.device,
+        trainable_params=trainable, total_params=total_params))
+
+    stream = _rank_stream(plan, pos, engine.rank, engine.world_size)
+    window_loss, window_tokens, window_time = 0.0, 0, 0.0
+    last_train_loss: float | None = None
+    last_val: float | None = None
+    t_start = time.perf_counter()
+    interrupted = False
+    step_start = Position(**vars(pos))
+
+    def do_eval(step: int) -> None:
+        nonlocal last_val
+        if not valid:
+            return
+        t0 = time.perf_counter()
+        loss, n = evaluate(engine, valid)
+        last_val = loss
+        best = pos.best_val_loss is None or loss < pos.best_val_loss
+        if best:
+            pos.best_val_loss, pos.best_step = loss, step
+            if main:
+                _save_adapter_atomic(engine, run_dir / "best_adapter")
+        callback.on_eval(EvalReport(step, loss, n, best, time.perf_counter() - t0))
+
+    try:
+        if pos.step == 0 and valid:
+            do_eval(0)
+        while pos.step < settings.total_steps:
+            step = pos.step + 1
+            step_start = Position(**vars(pos))
+            t0 = time.perf_counter()
+            loss_sum, n_tok = 0.0, 0
+            for micro in range(settings.grad_accum):
+                epoch, index, batch = next(stream)
+                s, k = engine.train_micro(batch)
+                loss_sum += s
+                n_tok += k
+                # position of the next global micro-batch after this process's one
+                pos.epoch, pos.index = _advance(plan, epoch, index, engine.world_size - engine.rank)
+                callback.on_micro(step, micro)
+            loss_sum, n_all = engine.all_sum([loss_sum, float(n_tok)])
+            n_all = int(n_all)
+            if n_all == 0:
+                engine.discard_gradients()
+                raise MacftError("An optimizer step had no trained token.",
+                                 "Check the data: every example needs a trained token.")
+            lr = settings.schedule.lr(step)
+            gnorm = engine.optimizer_step(lr, n_all, settings.max_grad_norm)
+            step_loss = loss_sum / n_all
+            if not math.isfinite(step_loss) or not math.isfinite(gnorm):
+                raise MacftError(
+                    f"The loss became {step_loss} at step {step} (gradient norm {gnorm}).",
+                    "Lower --learning-rate; avoid fp16 (use bf16 or fp32: --precision fp32).")
+            dt = time.perf_counter() - t0
+            pos.step = step
+            pos.trained_tokens += n_all
+            pos.train_seconds += dt
+            window_loss += loss_sum
+            window_tokens += n_all
+            window_time += dt
+            if step % settings.log_every == 0 or step == settings.total_steps:
+                last_train_loss = window_loss / window_tokens
+                callback.on_step(StepReport(
+                    step=step, epoch=_epoch_float(pos, per_epoch), loss=last_train_loss,
+                    learning_rate=lr, grad_norm=gnorm,
+                    tokens_per_sec=window_tokens / window_time if window_time > 0 else 0.0,
+                    trained_tokens=pos.trained_tokens, peak_memory_gb=engine.peak_memory_gb(),
+                    elapsed_sec=time.perf_counter() - t_start))
+                window_loss, window_tokens, window_time = 0.0, 0, 0.0
+            if settings.eval_every and step % settings.eval_every == 0 and step != settings.total_steps:
+                do_eval(step)
+            if settings.save_every and step % settings.save_every == 0 and step != settings.total_steps:
+                _checkpoint(engine, run_dir, pos, callback, "cadence")
+    except KeyboardInterrupt:
+        interrupted = True
+        engine.discard_gradients()
+        if pos.step == step_start.step:
+            # the step in progress never reached the optimizer: resume at its first micro-batch
+            pos.epoch, pos.index = step_start.epoch, step_start.index
+        _checkpoint(engine, run_dir, pos, callback, "interrupt")
+    if not interrupted:
+        do_eval(pos.step)
+        if main:
+            _save_adapter_atomic(engine, run_dir / "adapter")
+        _checkpoint(engine, run_dir, pos, callback, "final")
+    seconds = time.perf_counter() - t_start
+    result = LoopResult(pos.step, interrupted, pos.best_val_loss, pos.best_step, last_val,
+                        last_train_loss, pos.trained_tokens, seconds, engine.peak_memory_gb())
+    callback.on_end(TrainEnd(pos.step, last_train_loss, pos.best_val_loss, pos.best_step,
+                             interrupted, seconds, pos.trained_tokens, result.peak_memory_gb))
+    return result
+
+
+def _advance(plan: BatchPlan, epoch: int, index: int, k: int) -> tuple[int, int]:
+    for _ in range(k):
+        index += 1
+        if index >= len(plan.rows_for_epoch(epoch)):
+            epoch, index = epoch + 1, 0
+    return epoch, index
+
+
+def _epoch_float(pos: Position, per_epoch: int) -> float:
+    return pos.epoch + pos.index / max(per_epoch, 1)
+
+
+def _save_adapter_atomic(engine: Engine, dest: Path) -> None:
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    engine.save_adapter(tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+
+
+def _checkpoint(engine: Engine, run_dir: Path, pos: Position, callback: TrainingCallback,
+                reason: str) -> None:
+    if engine.rank != 0:
+        return
+    root = run_dir / "checkpoints"
+    dest = root / f"step-{pos.step:06d}"
+    tmp = root / f".step-{pos.step:06d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    engine.save_adapter(tmp)
+    engine.save_state(tmp)
+    (tmp / STATE_FILE).write_text(json.dumps(vars(pos), indent=1))
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    callback.on_checkpoint(CheckpointSaved(pos.step, dest, reason))
