@@ -19,7 +19,7 @@ from rich.progress import (
 )
 
 # stderr carries progress and messages; stdout is kept for results scripts read
-console = Console(stderr=True, highlight=False, soft_wrap=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 

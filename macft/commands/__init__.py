@@ -3,3 +3,49 @@
 Commands beyond ``train`` and ``data inspect`` register their (light) argument
 definitions here.
 """
+
+from __future__ import annotations
+
+import argparse
+
+from ..cli import add_config_flags, register
+
+
+def _setup_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("what", choices=["llama-cpp"],
+                   help="llama-cpp: download and build the pinned llama.cpp tools export uses "
+                        "(idempotent; prints the directory of the built tools last).")
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("what to export")
+    src.add_argument("--run", metavar="RUN", help="A run directory written by `macft train`.")
+    src.add_argument("--adapter", metavar="DIR",
+                     help="A PEFT LoRA adapter made elsewhere (with --model), instead of --run.")
+    src.add_argument("--model", metavar="BASE",
+                     help="Base model of --adapter: a local directory or a Hugging Face hub id.")
+    src.add_argument("--best", action="store_true",
+                     help="With --run: export best_adapter/ (lowest validation loss) instead of adapter/.")
+    o = p.add_argument_group("outputs")
+    o.add_argument("--output", metavar="DIR", help="Output directory (default RUN/export).")
+    o.add_argument("--name", metavar="NAME", help="File and Ollama model name (default: from the run).")
+    v = p.add_argument_group("verification")
+    v.add_argument("--prompts", metavar="FILE.jsonl",
+                   help="Prompts to verify with (chat rows or prompt/completion rows); default: "
+                        "the run's validation data.")
+    v.add_argument("--verify-prompts", type=int, default=8, metavar="N",
+                   help="Greedy generations compared per GGUF (default 8).")
+    v.add_argument("--max-new-tokens", type=int, default=48, metavar="N",
+                   help="Longest greedy generation compared (default 48).")
+    v.add_argument("--eval-tokens", type=int, default=4096, metavar="N",
+                   help="Validation tokens scored for perplexity / agreement (default 4096; fewer "
+                        "for very large vocabularies).")
+    v.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="Threads for llama.cpp (default: all cores).")
+    add_config_flags(p, ("export",))
+
+
+register("setup", "Set up external tools: `macft setup llama-cpp` builds the pinned llama.cpp.",
+         _setup_args, "export.command:setup")
+register("export", "Merge a LoRA run into its base and export verified GGUF files "
+         "(llama.cpp, Ollama, LM Studio).", _export_args, "export.command:export")

@@ -62,9 +62,16 @@ def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path | None]:
     return cfg, None
 
 
+def launcher_rank() -> int:
+    """This process's rank when `accelerate launch` / torchrun start one `macft train` per
+    process (they set RANK); 0 otherwise. Only rank 0 writes the run directory."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def run(args: argparse.Namespace) -> int:
     cfg, ckpt = resolve(args)
     validate(cfg)
+    main_process = launcher_rank() == 0
     # -- backend ---------------------------------------------------------------
     name, auto_warning = (choose_auto() if cfg.train.backend == "auto" else (cfg.train.backend, None))
     backend = get_backend(name)
@@ -95,11 +102,15 @@ def run(args: argparse.Namespace) -> int:
         schedule=make_schedule(cfg.train.schedule, cfg.train.learning_rate, steps, cfg.train.warmup_ratio),
         max_grad_norm=cfg.train.max_grad_norm, eval_every=cfg.train.eval_every,
         save_every=cfg.train.save_every, log_every=cfg.train.log_every)
-    _print_data_summary(data, plan, renderer)
+    if main_process:
+        _print_data_summary(data, plan, renderer)
 
     # -- run directory -------------------------------------------------------------
     created = False
-    if ckpt is None:
+    if ckpt is None and not main_process:
+        # other data-parallel processes write nothing; rank 0 creates the directory
+        run_dir = Path(cfg.train.output or Path("runs") / "rank-nonzero-unused")
+    elif ckpt is None:
         run_dir = prepare_run_dir(cfg.train.output, cfg.model.name)  # type: ignore[arg-type]
         run_dir.mkdir(parents=True, exist_ok=True)
         created = True
@@ -109,20 +120,24 @@ def run(args: argparse.Namespace) -> int:
         if pos.step >= steps:
             raise MacftError(f"{run_dir} already finished {pos.step} of {steps} steps.",
                              "Raise --iters (or --epochs) to train further.")
-        truncate_metrics(run_dir, pos.step)
-        console.print(f"Resuming {run_dir} from step {pos.step} ({ckpt.name}).")
+        if main_process:
+            truncate_metrics(run_dir, pos.step)
+            console.print(f"Resuming {run_dir} from step {pos.step} ({ckpt.name}).")
     resolved = _resolved(cfg, name, backend.device(), model_path, model_config, renderer, data, steps)
-    write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg, resolved))
+    if main_process:
+        write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg, resolved))
 
     job = TrainJob(cfg, model_path, model_config, tok, data, plan, valid, settings, run_dir, ckpt)
-    callbacks: list[TrainingCallback] = [RichProgress(), MetricsWriter(run_dir), LossPlot(run_dir)]
+    callbacks: list[TrainingCallback] = (
+        [RichProgress(), MetricsWriter(run_dir), LossPlot(run_dir)] if main_process else [])
     try:
         result = backend.train(job, CallbackList(callbacks))
     except BaseException:
         if created:
             remove_failed_run(run_dir)
         raise
-    _finish(run_dir, cfg, result, job, resolved)
+    if main_process:
+        _finish(run_dir, cfg, result, job, resolved)
     return 130 if result.interrupted else 0
 
 

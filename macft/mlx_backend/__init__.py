@@ -1,0 +1,97 @@
+"""The MLX backend: LoRA / QLoRA with mlx-lm's model code, on Apple silicon (Metal) or,
+through ``mlx[cpu]``, on Linux CPUs (how CI tests it).
+
+This module is imported by the backend registry only when MLX is chosen; it
+imports mlx lazily so that a missing install gives one clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import MacftError
+from .blas import preload_fast_blas
+
+# Must happen before anything imports mlx.core (see blas.py).
+preload_fast_blas()
+
+_INSTALL = ("pip install 'macft[mlx]'  (macOS: mlx with Metal; Linux: mlx[cpu])")
+
+
+def _import_mlx() -> Any:
+    try:
+        import mlx.core as mx
+        import mlx_lm  # noqa: F401
+    except ImportError as e:
+        raise MacftError(f"The MLX backend needs mlx and mlx-lm: {e}", _INSTALL) from None
+    return mx
+
+
+def on_metal() -> bool:
+    mx = _import_mlx()
+    try:
+        return bool(mx.metal.is_available())
+    except AttributeError:
+        return False
+
+
+class MLXBackend:
+    name = "mlx"
+
+    def device(self) -> str:
+        mx = _import_mlx()
+        if on_metal():
+            info = mx.device_info()
+            mem = info.get("memory_size", 0) / 2**30
+            return f"{info.get('device_name', 'Apple GPU')} (Metal, {mem:.0f} GB unified memory)"
+        return "CPU (mlx[cpu])"
+
+    def precision(self, cfg: Any, model_config: dict[str, Any]) -> str:
+        from ..models import is_gemma
+
+        p = cfg.train.precision
+        if p == "auto":
+            return "bf16" if on_metal() else "fp32"
+        if p == "fp16" and is_gemma(model_config):
+            raise MacftError("Gemma-3 activations overflow in fp16 (the loss turns NaN).",
+                             "Use --precision bf16 (Apple silicon) or fp32.")
+        return p
+
+    def check(self, cfg: Any, model_config: dict[str, Any] | None = None) -> list[str]:
+        problems: list[str] = []
+        try:
+            _import_mlx()
+        except MacftError as e:
+            return [f"{e.message} ({_INSTALL})"]
+        from ..models import is_gemma
+        from .model import architecture_problem
+
+        if model_config is not None:
+            if (p := architecture_problem(model_config)):
+                problems.append(p)
+            if model_config.get("quantization") and cfg.model.quantize != "none":
+                q = model_config["quantization"]
+                problems.append(
+                    f"the model is already quantized ({q.get('bits')}-bit); --quantize {cfg.model.quantize} "
+                    "would quantize it twice: drop --quantize (training on it is QLoRA already)")
+            if cfg.train.precision == "fp16" and is_gemma(model_config):
+                problems.append("Gemma-3 overflows in fp16: use --precision bf16 or fp32")
+        if sys.platform != "darwin" and not on_metal() and cfg.train.precision == "bf16":
+            problems.append("bf16 on this CPU is 10-60x slower than fp32 and not supported for training "
+                            "here: use --precision fp32 (or auto)")
+        return problems
+
+    def train(self, job: Any, callback: Any) -> Any:
+        from .train import run_training
+
+        return run_training(self, job, callback)
+
+
+def write_quantization_record(run_dir: Path, bits: int, group_size: int, quantized: list[str],
+                              unquantized: list[str]) -> None:
+    (run_dir / "base_quantization.json").write_text(json.dumps({
+        "method": "mlx-affine", "bits": bits, "group_size": group_size, "mode": "affine",
+        "quantized": quantized, "unquantized": unquantized}, indent=1))

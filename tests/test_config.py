@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import pytest
+
+from macft.config import (
+    RunConfig,
+    build_config,
+    dump_yaml,
+    field_specs,
+    load_run_config,
+    validate,
+)
+from macft.errors import ConfigError
+
+
+def test_every_field_has_help_and_a_flag():
+    specs = field_specs()
+    assert specs, "no config fields"
+    for s in specs:
+        assert s.help and len(s.help) > 10, s.key
+        assert s.flag.startswith("--"), s.key
+    flags = [s.flag for s in specs]
+    assert len(flags) == len(set(flags)), "two fields share a CLI flag"
+    # spellings that scripts rely on
+    for f in ("--model", "--backend", "--data", "--valid", "--output", "--iters", "--epochs",
+              "--batch-size", "--grad-accum", "--learning-rate", "--lora-rank", "--lora-alpha",
+              "--max-seq-len", "--quantize", "--seed"):
+        assert f in flags, f
+
+
+def test_precedence_cli_over_yaml_over_defaults(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("model:\n  name: m1\nlora:\n  rank: 8\n  alpha: 16\ntrain:\n  learning_rate: 1.0e-4\n"
+                 "  batch_size: 2\n")
+    cfg = build_config(y, {"lora.rank": "32", "train.batch_size": "6"})
+    assert cfg.model.name == "m1"
+    assert cfg.lora.rank == 32  # CLI
+    assert cfg.lora.alpha == 16.0  # YAML
+    assert cfg.train.learning_rate == 1e-4  # YAML
+    assert cfg.train.batch_size == 6  # CLI
+    assert cfg.train.grad_accum == RunConfig().train.grad_accum  # default
+
+
+def test_yaml_scientific_without_dot_is_a_number(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("train:\n  learning_rate: 2e-4\n")  # YAML 1.1 reads this as a string
+    assert build_config(y).train.learning_rate == 2e-4
+
+
+def test_all_problems_reported_at_once_with_suggestions(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("lora:\n  rnak: 8\ntrain:\n  batch_size: four\n  learning_rat: 0.1\n"
+                 "learning_rate: 1\nmodle:\n  name: x\n")
+    with pytest.raises(ConfigError) as e:
+        build_config(y, {"lora.dropout": "lots"})
+    msg = str(e.value)
+    assert "6 configuration problems" in msg
+    assert "lora.rnak" in msg and "did you mean 'rank'" in msg
+    assert "train.batch_size: expected an integer, got 'four'" in msg
+    assert "did you mean 'learning_rate'" in msg
+    assert "'learning_rate' is not a section; put it under 'train:'" in msg
+    assert "unknown section 'modle'" in msg and "did you mean 'model'" in msg
+    assert str(y) in msg
+
+
+def test_cli_wrong_type_and_choice():
+    with pytest.raises(ConfigError) as e:
+        build_config(None, {"train.iters": "ten", "model.quantize": "3bit", "data.packing": "maybe"})
+    msg = str(e.value)
+    assert "--iters: expected an integer, got 'ten'" in msg
+    assert "--quantize: expected one of 'none', '4bit', '8bit'" in msg
+    assert "--packing" in msg
+
+
+def test_validate_collects_range_problems():
+    cfg = build_config(None, {"lora.rank": "0", "train.learning_rate": "3", "data.valid_fraction": "0.9",
+                              "export.quant": "q4_k_m,q3_xx"})
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, require=("model.name", "data.train"))
+    msg = str(e.value)
+    for part in ("model.name is required (flag --model)", "data.train is required (flag --data)",
+                 "lora.rank must be at least 1", "train.learning_rate", "data.valid_fraction",
+                 "unknown type(s) q3_xx"):
+        assert part in msg, part
+
+
+def test_resolved_config_round_trip(tmp_path):
+    cfg = build_config(None, {"model.name": "google/gemma-3-1b-it", "lora.targets": "q_proj,v_proj",
+                              "train.epochs": "2"})
+    (tmp_path / "config.yaml").write_text(dump_yaml(cfg, {"backend": "mlx", "end_tokens": ["<end_of_turn>"]}))
+    back, resolved = load_run_config(tmp_path)
+    assert back == cfg
+    assert resolved["backend"] == "mlx"
+    assert back.lora.targets == ["q_proj", "v_proj"]

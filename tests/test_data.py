@@ -1,0 +1,248 @@
+"""Data pipeline: formats, masks, truncation, inspect, and every bad input's message."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from macft.data.dataset import build_data
+from macft.data.formats import Sample
+from macft.data.render import Renderer
+from macft.data.tokenizer import load_tokenizer
+
+TWO_TURNS = [
+    {"role": "user", "content": "空は何色？"},
+    {"role": "assistant", "content": "空は青だにゃ"},
+    {"role": "user", "content": "What is 2 plus 3?"},
+    {"role": "assistant", "content": "It is 5 にゃ"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_gemma):
+    return load_tokenizer(str(tiny_gemma))
+
+
+def trained_text(tok, r) -> list[str]:
+    """Decoded runs of consecutive trained tokens."""
+    runs, cur = [], []
+    for i, m in zip(r.ids, r.mask):
+        if m:
+            cur.append(i)
+        elif cur:
+            runs.append(tok.decode(cur))
+            cur = []
+    if cur:
+        runs.append(tok.decode(cur))
+    return runs
+
+
+def test_two_turn_mask_is_exactly_both_replies_with_end_of_turn(tok):
+    r = Renderer(tok).render(Sample(TWO_TURNS, None, "x"))
+    assert trained_text(tok, r) == ["空は青だにゃ<end_of_turn>", "It is 5 にゃ<end_of_turn>"]
+    # ids are exactly what the model's own template gives
+    ref = tok.apply_chat_template(TWO_TURNS, tokenize=True)
+    ref = ref["input_ids"] if not isinstance(ref, list) else ref
+    assert r.ids == list(ref)
+    assert r.mask[0] == 0
+
+
+def test_last_assistant_and_all(tok):
+    last = Renderer(tok, "last_assistant").render(Sample(TWO_TURNS, None, "x"))
+    assert trained_text(tok, last) == ["It is 5 にゃ<end_of_turn>"]
+    allm = Renderer(tok, "all").render(Sample(TWO_TURNS, None, "x"))
+    assert sum(allm.mask) == len(allm.ids) - 1
+
+
+def test_system_message_folded_like_gemma(tok):
+    msgs = [{"role": "system", "content": "あなたは猫です。"}] + TWO_TURNS[:2]
+    r = Renderer(tok)
+    text = r.render_text(msgs)
+    assert "<start_of_turn>user\nあなたは猫です。\n\n空は何色？<end_of_turn>" in text
+    assert "system" not in text
+    assert trained_text(tok, r.render(Sample(msgs, None, "x"))) == ["空は青だにゃ<end_of_turn>"]
+
+
+def test_fallback_template_when_tokenizer_has_none(tok):
+    import copy
+
+    t2 = copy.deepcopy(tok)
+    t2.chat_template = None
+    r = Renderer(t2)
+    assert r.uses_fallback_template
+    out = r.render(Sample(TWO_TURNS, None, "x"))
+    runs = trained_text(t2, out)
+    assert runs[0].startswith("空は青だにゃ") and runs[0].endswith("<eos>")
+    assert "<eos>" in r.end_tokens()
+
+
+def test_truncation_keeps_whole_turns_and_counts(tok, tmp_path):
+    long_user = "長い質問です。" * 40
+    rows = [{"messages": TWO_TURNS},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "にゃ"},
+                          {"role": "user", "content": long_user}, {"role": "assistant", "content": "ok にゃ"}]},
+            {"messages": [{"role": "user", "content": long_user}, {"role": "assistant", "content": "ok にゃ"}]}]
+    f = tmp_path / "t.jsonl"
+    f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    d = build_data(str(f), None, Renderer(tok), max_seq_len=48, valid_fraction=0)
+    s = d.train_stats
+    assert (s.rows, s.examples, s.truncated, s.dropped) == (3, 2, 2, 1)
+    cut = d.train[1]
+    assert cut.truncated and len(cut) <= 48
+    # cut after the first reply's <end_of_turn>: the kept conversation ends with a whole turn
+    assert tok.decode(cut.ids[-1:].tolist()) == "<end_of_turn>"
+
+
+FORMATS = {
+    "nya_chat": "chat",
+    "nya_alpaca": "instruction",
+    "nya_completion": "completion",
+}
+
+
+@pytest.mark.parametrize("name,fmt", FORMATS.items())
+def test_inspect_each_example_format(run_cli, tiny_gemma, nya_dir, name, fmt):
+    rc, out, err = run_cli("data", "inspect", str(nya_dir.parent / name), "--model", str(tiny_gemma), "--json")
+    assert rc == 0, err
+    rep = json.loads(out)
+    assert rep["format"] == fmt
+    assert rep["examples"] == 440 and rep["dropped"] == 0 and rep["truncated"] == 0
+    assert 0 < rep["trained_tokens"] < rep["total_tokens"]
+    assert rep["end_tokens"][0] == "<end_of_turn>"
+    rc, out, err = run_cli("data", "inspect", str(nya_dir.parent / name), "--model", str(tiny_gemma))
+    assert rc == 0
+    assert "trained" in err and "<end_of_turn>" in err
+
+
+def test_sharegpt_text_csv_json_parquet(run_cli, tiny_gemma, tmp_path):
+    conv = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hi にゃ"}]}
+    (tmp_path / "sg.jsonl").write_text(json.dumps(conv, ensure_ascii=False) + "\n")
+    (tmp_path / "tx.jsonl").write_text(json.dumps({"text": "猫はかわいいにゃ"}, ensure_ascii=False) + "\n")
+    with open(tmp_path / "c.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "completion"])
+        w.writerow(["空は何色？", "青だにゃ"])
+        w.writerow(["雪は何色？", "白だにゃ"])
+    (tmp_path / "a.json").write_text(json.dumps([{"instruction": "x", "input": "y", "output": "z にゃ"}]))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"prompt": "a", "completion": "b にゃ"}] * 3), tmp_path / "p.parquet")
+    expect = {"sg.jsonl": "sharegpt", "tx.jsonl": "text", "c.csv": "completion", "a.json": "instruction",
+              "p.parquet": "completion"}
+    for name, fmt in expect.items():
+        rc, out, err = run_cli("data", "inspect", str(tmp_path / name), "--model", str(tiny_gemma), "--json",
+                               "--valid-fraction", "0")
+        assert rc == 0, (name, err)
+        assert json.loads(out)["format"] == fmt, name
+
+
+def test_bom_and_crlf_simply_work(tiny_gemma, tok, tmp_path, nya_dir):
+    src = (nya_dir / "valid.jsonl").read_text(encoding="utf-8")
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + src.replace("\n", "\r\n").encode("utf-8"))
+    d = build_data(str(f), None, Renderer(tok), max_seq_len=256, valid_fraction=0)
+    d_ref = build_data(str(nya_dir / "valid.jsonl"), None, Renderer(tok), max_seq_len=256, valid_fraction=0)
+    assert [e.ids.tolist() for e in d.train] == [e.ids.tolist() for e in d_ref.train]
+
+
+def test_directory_with_train_and_valid(tok, nya_dir):
+    d = build_data(str(nya_dir), None, Renderer(tok), max_seq_len=256)
+    assert d.valid_from == "file" and len(d.train) == 400 and len(d.valid) == 40
+
+
+def test_valid_fraction_split_is_deterministic(tok, nya_dir):
+    a = build_data(str(nya_dir / "train.jsonl"), None, Renderer(tok), max_seq_len=256, valid_fraction=0.1, seed=3)
+    b = build_data(str(nya_dir / "train.jsonl"), None, Renderer(tok), max_seq_len=256, valid_fraction=0.1, seed=3)
+    assert len(a.valid) == 40 and len(a.train) == 360
+    assert [e.where for e in a.valid] == [e.where for e in b.valid]
+
+
+# --------------------------------------------------------------------------- bad input
+
+BAD_ROWS = {
+    "invalid_json": ('{"messages": [}\n', "line 1", "invalid JSON"),
+    "no_known_keys": ('{"question": "a", "answer": "b"}\n', "line 1", "none of the keys of a known format"),
+    "unknown_role": ('{"messages": [{"role": "user", "content": "a"}, {"role": "cat", "content": "b"}]}\n',
+                     "field 'messages[1].role'", "unknown role 'cat'"),
+    "empty_content": ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]}\n',
+                      "field 'messages[1].content'", "empty"),
+    "non_string": ('{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "b"}]}\n',
+                   "field 'messages[0].content'", "expected a string, found int"),
+    "no_assistant": ('{"messages": [{"role": "user", "content": "a"}]}\n', "field 'messages'",
+                     "no assistant turn"),
+    "empty_file": ("", "", "holds no records"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ROWS)
+def test_bad_rows_get_file_line_field(run_cli, tiny_gemma, tmp_path, case):
+    content, where, what = BAD_ROWS[case]
+    f = tmp_path / f"{case}.jsonl"
+    good = '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n'
+    # the bad row is on line 2 when there is a good first row (format detection reads row 1)
+    body = content if case in ("empty_file", "no_known_keys", "invalid_json") else good + content
+    f.write_text(body)
+    rc, out, err = run_cli("data", "inspect", str(f), "--model", str(tiny_gemma))
+    assert rc == 2
+    assert str(f) in err and what in err, err
+    if where.startswith("line"):
+        assert where in err
+    elif where:
+        assert "line 2" in err and where in err, err
+    assert "Traceback" not in err and "fix:" in err
+
+
+def test_missing_path_and_dir_without_train(run_cli, tiny_gemma, tmp_path):
+    rc, _, err = run_cli("data", "inspect", str(tmp_path / "nope.jsonl"), "--model", str(tiny_gemma))
+    assert rc == 2 and "does not exist" in err
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "valid.jsonl").write_text("{}\n")
+    rc, _, err = run_cli("data", "inspect", str(tmp_path / "d"), "--model", str(tiny_gemma))
+    assert rc == 2 and "without a train file" in err and "valid.jsonl" in err
+
+
+def test_model_without_tokenizer(run_cli, tmp_path, nya_dir):
+    m = tmp_path / "model"
+    m.mkdir()
+    (m / "config.json").write_text("{}")
+    rc, _, err = run_cli("data", "inspect", str(nya_dir), "--model", str(m))
+    assert rc == 2 and "has no tokenizer" in err and "tokenizer.json" in err
+
+
+def test_unknown_config_key_and_wrong_type_via_cli(run_cli, tiny_gemma, tmp_path, nya_dir):
+    y = tmp_path / "c.yaml"
+    y.write_text("data:\n  max_seq_lenght: 100\n  valid_fraction: lots\n")
+    rc, _, err = run_cli("data", "inspect", str(nya_dir), "--model", str(tiny_gemma), "--config", str(y))
+    assert rc == 2
+    assert "did you mean 'max_seq_len'" in err and "data.valid_fraction: expected a number" in err
+    assert "Traceback" not in err
+
+
+def test_debug_shows_traceback(tiny_gemma, tmp_path):
+    from macft.cli import main
+    from macft.errors import DataError
+
+    f = tmp_path / "e.jsonl"
+    f.write_text("{bad\n")
+    with pytest.raises(DataError):
+        main(["data", "inspect", str(f), "--model", str(tiny_gemma), "--debug"])
+
+
+def test_data_modules_import_neither_torch_nor_mlx():
+    import ast
+
+    pkg = Path(__file__).resolve().parents[1] / "macft" / "data"
+    for py in pkg.glob("*.py"):
+        tree = ast.parse(py.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for n in names:
+                assert n.split(".")[0] not in ("torch", "mlx", "mlx_lm"), f"{py.name} imports {n}"
