@@ -434,3 +434,13 @@ def load_run_config(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
     data = read_yaml(path)
     cfg = build_config(base=data)
     return cfg, dict(data.get("resolved") or {})
+
+
+def reference_markdown() -> str:
+    """The README's config reference table, generated from the dataclasses (a test keeps it in sync)."""
+    lines = ["| key | flag | default | meaning |", "| --- | --- | --- | --- |"]
+    for s in field_specs():
+        d = ",".join(s.default) if isinstance(s.default, list) else s.default
+        d = "—" if d is None else f"`{d}`"
+        lines.append(f"| `{s.key}` | `{s.flag}` | {d} | {s.help} |")
+    return "\n".join(lines)

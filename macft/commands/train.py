@@ -77,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
     backend = get_backend(name)
     if auto_warning:
         warn(auto_warning)
+    problems = backend.check(cfg, None)  # packages and hardware, before any download
+    if problems:
+        raise BackendUnavailable(name, problems)
     model_path = resolve_model_path(cfg.model.name, revision=cfg.model.revision)  # type: ignore[arg-type]
     model_config = read_model_config(model_path)
     problems = backend.check(cfg, model_config)

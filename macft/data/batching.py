@@ -12,10 +12,17 @@ tensors. Conventions (both backends rely on them):
 - ``segment_ids``: 1, 2, ... per example in a row, 0 for padding. A backend that
   honours them attends only within a segment.
 
-Order is deterministic for (seed, epoch): rows are shuffled, grouped into
-"mega-batches" of ``MEGA`` batches, sorted by length inside each, cut into
-batches, and the batches shuffled again. Packing fills rows of ``max_seq_len``
-tokens first-fit-decreasing inside each mega-batch.
+Order is deterministic for (seed, epoch).
+
+- Default, length-grouped: rows are shuffled, grouped into "mega-batches" of
+  ``MEGA`` batches, sorted by length inside each, cut into batches of
+  ``batch_size`` examples, and the batches shuffled again. Little padding, at the
+  price of batches whose examples have similar lengths.
+- Packing: batches of ``batch_size`` examples in plain random order (no length
+  bias), each batch laid out (nearly) padding-free: its examples are packed into
+  as few balanced rows of at most ``max_seq_len`` tokens as hold them. A
+  packed batch holds the same examples as an unpacked one would, so the training
+  dynamics do not change; only the padding goes.
 """
 
 from __future__ import annotations
@@ -106,32 +113,41 @@ class BatchPlan:
             rng.shuffle(order)
         else:
             order.sort(key=lambda i: -len(self.examples[i]))
-        window = self.batch_size * MEGA
         batches: list[list[list[int]]] = []
-        for w in range(0, len(order), window):
-            chunk = sorted(order[w:w + window], key=lambda i: -len(self.examples[i]))
-            rows = self._pack(chunk) if self.packing else [[i] for i in chunk]
-            batches += [rows[k:k + self.batch_size] for k in range(0, len(rows), self.batch_size)]
-        if self.shuffle:
-            rng.shuffle(batches)
+        if self.packing:
+            for k in range(0, len(order), self.batch_size):
+                group = sorted(order[k:k + self.batch_size], key=lambda i: -len(self.examples[i]))
+                batches.append(self._pack(group))
+        else:
+            window = self.batch_size * MEGA
+            for w in range(0, len(order), window):
+                chunk = sorted(order[w:w + window], key=lambda i: -len(self.examples[i]))
+                rows = [[i] for i in chunk]
+                batches += [rows[k:k + self.batch_size] for k in range(0, len(rows), self.batch_size)]
+            if self.shuffle:
+                rng.shuffle(batches)
         self._cache = {epoch: batches}
         return batches
 
-    def _pack(self, chunk: list[int]) -> list[list[int]]:
-        """First-fit-decreasing bins of at most max_seq_len tokens (chunk is sorted)."""
-        bins: list[list[int]] = []
-        space: list[int] = []
-        for i in chunk:
-            L = len(self.examples[i])
-            for k, free in enumerate(space):
-                if L <= free:
-                    bins[k].append(i)
-                    space[k] -= L
+    def _pack(self, group: list[int]) -> list[list[int]]:
+        """As few rows of at most max_seq_len tokens as hold the group (sorted longest first),
+        balanced so that rows end up about equally long (each example goes to the emptiest
+        row it fits in): the batch is then padded to its longest row."""
+        lengths = [len(self.examples[i]) for i in group]
+        n_rows = max(1, math.ceil(sum(lengths) / self.max_seq_len))
+        while True:
+            rows: list[list[int]] = [[] for _ in range(n_rows)]
+            used = [0] * n_rows
+            for i, L in zip(group, lengths):
+                fits = [k for k in range(n_rows) if used[k] + L <= self.max_seq_len]
+                if not fits:
                     break
+                k = min(fits, key=lambda r: used[r])
+                rows[k].append(i)
+                used[k] += L
             else:
-                bins.append([i])
-                space.append(self.max_seq_len - L)
-        return bins
+                return [r for r in rows if r]
+            n_rows += 1
 
     def batches_per_epoch(self) -> int:
         return len(self.rows_for_epoch(0))

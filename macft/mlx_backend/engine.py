@@ -59,6 +59,8 @@ class MLXEngine:
         self.optimizer = optim.AdamW(learning_rate=0.0, betas=[0.9, 0.999], eps=1e-8,
                                      weight_decay=weight_decay, bias_correction=True)
         self._acc: dict | None = None
+        self._update: Any = None
+        self._update_norm: float | None = None
         self._restore_ckpt = enable_grad_checkpoint(self.model.layers[0]) if grad_checkpoint else None
         loss_and_grad = nn.value_and_grad(self.model, self._loss)
         state = [self.model.state, mx.random.state]
@@ -99,17 +101,35 @@ class MLXEngine:
 
     def optimizer_step(self, lr: float, n_tokens: int, max_grad_norm: float) -> float:
         assert self._acc is not None, "optimizer_step without gradients"
-        inv = 1.0 / n_tokens
-        grads = tree_map(lambda g: g * inv, self._acc)
-        if max_grad_norm > 0:
-            grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
-        else:
-            norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
-        self.optimizer.learning_rate = mx.array(lr, dtype=mx.float32)
-        self.optimizer.update(self.model, grads)
+        if self._update is None or self._update_norm != max_grad_norm:
+            self._update = self._compile_update(max_grad_norm)
+            self._update_norm = max_grad_norm
+        norm = self._update(self._acc, mx.array(1.0 / n_tokens, dtype=mx.float32),
+                            mx.array(lr, dtype=mx.float32))
         mx.eval(self.model.trainable_parameters(), self.optimizer.state, norm)
         self._acc = None
         return float(norm.item())
+
+    def _compile_update(self, max_grad_norm: float) -> Any:
+        """Scale by 1/tokens, clip, AdamW: one compiled graph (eager, its many small ops
+        cost more than the step's matmuls on small models)."""
+        state = [self.model.state, self.optimizer.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def update(grads: Any, inv: mx.array, lr: mx.array) -> mx.array:
+            grads = tree_map(lambda g: g * inv, grads)
+            if max_grad_norm > 0:
+                grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
+            else:
+                norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
+            self.optimizer.learning_rate = lr
+            self.optimizer.update(self.model, grads)
+            return norm
+
+        # the optimizer's state must exist before the graph is traced
+        if not self.optimizer._initialized:
+            self.optimizer.init(self.model.trainable_parameters())
+        return update
 
     def discard_gradients(self) -> None:
         self._acc = None
@@ -161,6 +181,7 @@ class MLXEngine:
             weights.append((f"{mlx_name}.lora_b", mx.array(b.T)))
         self.model.load_weights(weights, strict=False)
         self.optimizer.state = tree_unflatten(list(mx.load(str(path / OPTIMIZER_FILE)).items()))
+        self._update = None  # the compiled update holds the old state dict: retrace
         self.micro_count = int(json.loads((path / RNG_FILE).read_text())["micro_count"])
         mx.eval(self.model.parameters(), self.optimizer.state)
 
