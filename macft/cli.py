@@ -60,6 +60,8 @@ def cli_values(args: argparse.Namespace, sections: tuple[str, ...]) -> dict[str,
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="YAML config; command-line flags override it.")
+    p.add_argument("--preset", metavar="NAME", help="Start from a preset (gemma3-1b, gemma3-4b; see "
+                   "`macft models`): defaults < preset < YAML < flags.")
     p.add_argument("--resume", metavar="RUN", help="Continue an interrupted run from its last checkpoint.")
     add_config_flags(p, ("model", "lora", "data", "train"))
 
@@ -73,9 +75,15 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
     add_config_flags(p, ("data",), skip=("data.train",))
 
 
+def _models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="Print one JSON object instead of tables.")
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {
     "train": ("Fine-tune a model with LoRA / QLoRA (MLX or PyTorch backend).", _train_args,
               "macft.commands.train:run"),
+    "models": ("List the presets and the model architectures each backend supports.", _models_args,
+               "macft.commands.models:run"),
 }
 DATA_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {
     "inspect": ("Show the detected format, token counts, masks and truncation of a data set.",

@@ -72,3 +72,29 @@ def test_console_script_and_module_entry_points():
         assert r.returncode == 0 and "macft" in r.stdout
     r = subprocess.run([sys.executable, "-m", "macft", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and "macft" in r.stdout
+
+
+def test_models_lists_presets_and_backends(run_cli):
+    import json
+
+    rc, out, err = run_cli("models", "--json")
+    assert rc == 0, err
+    rep = json.loads(out)
+    assert rep["presets"]["gemma3-1b"]["hub_id"] == "google/gemma-3-1b-it"
+    assert rep["presets"]["gemma3-4b"]["end_tokens"][0] == "<end_of_turn>"
+    assert "gemma3_text" in rep["backends"]["mlx"] and "qwen2" in rep["backends"]["cuda"]
+    rc, out, err = run_cli("models")
+    assert rc == 0 and "gemma3-1b" in err and "Architectures" in err
+
+
+def test_preset_is_a_layer_under_yaml_and_flags(tmp_path):
+    from macft.config import build_config
+    from macft.presets import get_preset
+
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  epochs: 1\n")
+    cfg = build_config(y, {"lora.rank": "8"}, base=get_preset("gemma3-4b").config)
+    assert cfg.model.name == "google/gemma-3-4b-it" and cfg.model.quantize == "4bit"  # preset
+    assert cfg.train.epochs == 1.0  # YAML over preset
+    assert cfg.lora.rank == 8  # flag over all
+    assert cfg.train.grad_checkpoint is True

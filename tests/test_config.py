@@ -92,3 +92,16 @@ def test_resolved_config_round_trip(tmp_path):
     assert back == cfg
     assert resolved["backend"] == "mlx"
     assert back.lora.targets == ["q_proj", "v_proj"]
+
+
+def test_readme_config_reference_is_current():
+    from pathlib import Path
+
+    from macft.config import reference_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+    table = readme[readme.index(start) + len(start):readme.index(end)].strip()
+    assert table == reference_markdown(), (
+        "README's config reference is stale; regenerate it with "
+        "`python -c 'from macft.config import reference_markdown; print(reference_markdown())'`")

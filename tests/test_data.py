@@ -246,3 +246,13 @@ def test_data_modules_import_neither_torch_nor_mlx():
                 names = [node.module]
             for n in names:
                 assert n.split(".")[0] not in ("torch", "mlx", "mlx_lm"), f"{py.name} imports {n}"
+
+
+def test_byte_level_bpe_masks_cover_whole_characters(tiny_qwen2):
+    """GPT-2 style byte tokens of one character share its offsets; all of them are trained."""
+    tok = load_tokenizer(str(tiny_qwen2))
+    msgs = [{"role": "user", "content": "空は何色？"}, {"role": "assistant", "content": "空は青だにゃ"},
+            {"role": "user", "content": "x"}, {"role": "assistant", "content": "It is 5 にゃ"}]
+    r = Renderer(tok).render(Sample(msgs, None, "x"))
+    assert trained_text(tok, r) == ["空は青だにゃ<|im_end|>", "It is 5 にゃ<|im_end|>"]
+    assert Renderer(tok).end_tokens() == ["<|im_end|>"]

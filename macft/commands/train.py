@@ -20,6 +20,7 @@ from ..data.render import Renderer
 from ..data.tokenizer import load_tokenizer
 from ..errors import BackendUnavailable, MacftError
 from ..models import read_model_config, resolve_model_path
+from ..presets import get_preset
 from ..training.events import CallbackList, TrainingCallback
 from ..training.loop import LoopResult, LoopSettings, latest_checkpoint, read_position
 from ..training.progress import RichProgress, summary_table
@@ -57,7 +58,8 @@ def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path | None]:
         cfg = build_config(base=saved.to_dict(), cli_values=values)
         cfg.train.output = str(run_dir)
         return cfg, ckpt
-    cfg = build_config(args.config, values)
+    base = get_preset(args.preset).config if getattr(args, "preset", None) else None
+    cfg = build_config(args.config, values, base=base)
     validate(cfg, require=("model.name", "data.train"))
     return cfg, None
 
@@ -89,6 +91,12 @@ def run(args: argparse.Namespace) -> int:
     # -- data --------------------------------------------------------------------
     tok = load_tokenizer(str(model_path))
     renderer = Renderer(tok, cfg.data.loss_on)
+    if getattr(args, "preset", None):
+        preset = get_preset(args.preset)
+        if renderer.end_tokens()[:1] != list(preset.end_tokens[:1]):
+            warn(f"The preset {preset.name} expects the turn to end with {preset.end_tokens[0]}, but this "
+                 f"tokenizer's chat template ends turns with {renderer.end_tokens()[:1]}: is --model the "
+                 f"right model ({preset.hub_id})?")
     with task_progress() as prog:
         t = prog.add_task("tokenizing", total=None)
         data = build_data(cfg.data.train, cfg.data.valid, renderer, fmt=cfg.data.format,  # type: ignore[arg-type]
@@ -127,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
             truncate_metrics(run_dir, pos.step)
             console.print(f"Resuming {run_dir} from step {pos.step} ({ckpt.name}).")
     resolved = _resolved(cfg, name, backend.device(), model_path, model_config, renderer, data, steps)
+    resolved["preset"] = getattr(args, "preset", None)
     if main_process:
         write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg, resolved))
 

@@ -171,7 +171,7 @@ class Renderer:
         starts = [o[0] for o in offsets]
         for s, e in spans:
             # tokens overlapping [s, e): a token straddling the boundary is trained
-            j0 = max(bisect.bisect_right(starts, s) - 1, 0)
+            j0 = max(bisect.bisect_left(starts, s) - 1, 0)
             j = j0
             last = -1
             while j < len(ids) and offsets[j][0] < e:
