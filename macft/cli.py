@@ -79,11 +79,19 @@ def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="Print one JSON object instead of tables.")
 
 
+def _doctor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=["auto", "mlx", "cuda"],
+                   help="Backend whose readiness decides the exit code (default auto).")
+    p.add_argument("--json", action="store_true", help="Print one JSON object (for scripts).")
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {
     "train": ("Fine-tune a model with LoRA / QLoRA (MLX or PyTorch backend).", _train_args,
               "macft.commands.train:run"),
     "models": ("List the presets and the model architectures each backend supports.", _models_args,
                "macft.commands.models:run"),
+    "doctor": ("Check this machine: torch build vs GPU, bitsandbytes, MLX, tokenizer extras, llama.cpp, "
+               "memory, disk; with the fix for each problem.", _doctor_args, "macft.commands.doctor:run"),
 }
 DATA_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {
     "inspect": ("Show the detected format, token counts, masks and truncation of a data set.",
