@@ -87,6 +87,10 @@ class DataConfig:
         False, "Pack several examples into one sequence (no attention across examples) "
         "instead of length-grouped padded batches.")
     split: str = opt("train", "Split to read when --data is a Hugging Face dataset id.")
+    rehearsal_data: Optional[str] = opt(
+        None, "General data mixed into training to limit forgetting (same formats as --data).")
+    rehearsal_ratio: float = opt(
+        0.0, "Share of each epoch's examples drawn from --rehearsal-data (e.g. 0.2).")
 
 
 @dataclass
@@ -109,6 +113,10 @@ class TrainConfig:
     log_every: int = opt(10, "Report the training loss every N optimizer steps.")
     seed: int = opt(0, "Random seed (data order, LoRA init, dropout).")
     grad_checkpoint: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    distill_weight: float = opt(
+        0.0, "Forgetting control (LwF): add this weight times KL(fine-tuned || base) over the batch's "
+        "tokens; the base logits come from the same model with its adapters switched off.")
+    distill_temperature: float = opt(1.0, "Softmax temperature of the distillation KL.")
     precision: Literal["auto", "bf16", "fp32", "fp16"] = opt(
         "auto", "Compute precision: auto picks bf16 on GPUs / Apple silicon that support it, "
         "fp32 on CPUs. Gemma-3 never runs in fp16.")
@@ -403,6 +411,14 @@ def validate(cfg: RunConfig, require: tuple[str, ...] = ()) -> None:
         p.append(f"train.log_every must be at least 1, got {tr.log_every}")
     if tr.max_grad_norm < 0:
         p.append(f"train.max_grad_norm must be 0 (off) or positive, got {tr.max_grad_norm}")
+    if not 0 <= da.rehearsal_ratio < 1:
+        p.append(f"data.rehearsal_ratio must be in [0, 1), got {da.rehearsal_ratio}")
+    if da.rehearsal_ratio > 0 and not da.rehearsal_data:
+        p.append("data.rehearsal_ratio is set but data.rehearsal_data is not (flag --rehearsal-data)")
+    if tr.distill_weight < 0:
+        p.append(f"train.distill_weight must be 0 or positive, got {tr.distill_weight}")
+    if tr.distill_temperature <= 0:
+        p.append(f"train.distill_temperature must be positive, got {tr.distill_temperature}")
     if tr.weight_decay < 0:
         p.append(f"train.weight_decay must be 0 or positive, got {tr.weight_decay}")
     bad = [q for q in ex.quant if q.lower() not in QUANT_TYPES]

@@ -129,3 +129,17 @@ def test_mlx_packed_batch_gives_the_same_losses_as_unpacked(tiny_gemma, nya_dir)
     assert int(n1.item()) == int(n2.item())
     assert abs(l1.item() - l2.item()) < 1e-3 * abs(l1.item())
     assert abs(l1.item() - l3.item()) > 1e-2 * abs(l1.item())  # without the mask they would differ
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.5])
+def test_rehearsal_hits_the_requested_ratio_over_an_epoch(ratio):
+    task, pool = make_examples(240, seed=1), make_examples(50, seed=2)
+    plan = BatchPlan(task, 4, seed=0, pad_id=0, rehearsal=pool, rehearsal_ratio=ratio)
+    for epoch in range(3):
+        idx = [i for b in plan.rows_for_epoch(epoch) for r in b for i in r]
+        n_reh = sum(i >= 240 for i in idx)
+        assert sorted(i for i in idx if i < 240) == list(range(240))  # every task example once
+        assert abs(n_reh / len(idx) - ratio) <= 1 / len(idx), (epoch, n_reh, len(idx))
+        if ratio == 0.2:  # 60 picks from a pool of 50: all used, 10 twice
+            assert len(set(i for i in idx if i >= 240)) == 50
+    assert plan.rehearsal_picks(0) != plan.rehearsal_picks(1)

@@ -104,8 +104,10 @@ def run(args: argparse.Namespace) -> int:
                           seed=cfg.train.seed, split=cfg.data.split,
                           progress=lambda n: prog.advance(t, n))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    rehearsal = load_rehearsal(cfg, renderer)
     plan = BatchPlan(data.train, cfg.train.batch_size, seed=cfg.train.seed, pad_id=pad_id,
-                     packing=cfg.data.packing, max_seq_len=cfg.data.max_seq_len)
+                     packing=cfg.data.packing, max_seq_len=cfg.data.max_seq_len,
+                     rehearsal=rehearsal, rehearsal_ratio=cfg.data.rehearsal_ratio)
     valid = eval_batches(data.valid, cfg.train.batch_size, pad_id)
     steps = total_steps(cfg.train.iters, cfg.train.epochs, plan.batches_per_epoch(), cfg.train.grad_accum)
     settings = LoopSettings(
@@ -151,6 +153,24 @@ def run(args: argparse.Namespace) -> int:
     if main_process:
         _finish(run_dir, cfg, result, job, resolved)
     return 130 if result.interrupted else 0
+
+
+def load_rehearsal(cfg: RunConfig, renderer: Renderer) -> list | None:
+    """General examples to mix in (``--rehearsal-data``), tokenized like the task data."""
+    if not cfg.data.rehearsal_data or cfg.data.rehearsal_ratio <= 0:
+        return None
+    from ..data.dataset import load_samples, tokenize_samples
+    from ..data.readers import resolve_sources
+
+    src, _ = resolve_sources(cfg.data.rehearsal_data, None)
+    _, samples = load_samples(src, "auto", cfg.data.split)
+    examples, stats = tokenize_samples(samples, renderer, cfg.data.max_seq_len, src)
+    if not examples:
+        raise MacftError(f"No usable example in the rehearsal data {src}.",
+                         "Check --rehearsal-data (every example needs a trained token).")
+    console.print(f"Rehearsal: {len(examples)} general examples from {src}; "
+                  f"{cfg.data.rehearsal_ratio:.0%} of every epoch is drawn from them.")
+    return examples
 
 
 def _print_data_summary(data: Any, plan: BatchPlan, renderer: Renderer) -> None:

@@ -91,10 +91,16 @@ class BatchPlan:
     """Deterministic batches for every epoch; positions are (epoch, index)."""
 
     def __init__(self, examples: list[Example], batch_size: int, *, seed: int, pad_id: int,
-                 packing: bool = False, max_seq_len: int = 2048, shuffle: bool = True):
+                 packing: bool = False, max_seq_len: int = 2048, shuffle: bool = True,
+                 rehearsal: list[Example] | None = None, rehearsal_ratio: float = 0.0):
         if not examples:
             raise ValueError("no examples to batch")
-        self.examples = examples
+        # Rehearsal examples follow the task examples in one index space; every epoch
+        # draws round(ratio / (1 - ratio) * n_task) of them (without replacement while the
+        # pool lasts), so they make up `rehearsal_ratio` of the epoch.
+        self.n_task = len(examples)
+        self.examples = examples + list(rehearsal or [])
+        self.rehearsal_ratio = rehearsal_ratio if rehearsal else 0.0
         self.batch_size = batch_size
         self.seed = seed
         self.pad_id = pad_id
@@ -108,7 +114,7 @@ class BatchPlan:
         if epoch in self._cache:
             return self._cache[epoch]
         rng = random.Random(f"batches-{self.seed}-{epoch}")
-        order = list(range(len(self.examples)))
+        order = list(range(self.n_task)) + self.rehearsal_picks(epoch)
         if self.shuffle:
             rng.shuffle(order)
         else:
@@ -128,6 +134,19 @@ class BatchPlan:
                 rng.shuffle(batches)
         self._cache = {epoch: batches}
         return batches
+
+    def rehearsal_picks(self, epoch: int) -> list[int]:
+        pool = len(self.examples) - self.n_task
+        if not pool or self.rehearsal_ratio <= 0:
+            return []
+        k = round(self.rehearsal_ratio / (1 - self.rehearsal_ratio) * self.n_task)
+        rng = random.Random(f"rehearsal-{self.seed}-{epoch}")
+        picks: list[int] = []
+        while len(picks) < k:
+            perm = list(range(self.n_task, self.n_task + pool))
+            rng.shuffle(perm)
+            picks += perm[:k - len(picks)]
+        return picks
 
     def _pack(self, group: list[int]) -> list[list[int]]:
         """As few rows of at most max_seq_len tokens as hold the group (sorted longest first),

@@ -11,6 +11,7 @@ update rule.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext as _nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,23 @@ RNG_FILE = "rng.json"
 
 def token_losses(model: nn.Module, ids: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
     """Summed cross-entropy over the target tokens, and their count (fp32)."""
-    logits = model(ids[:, :-1])
-    targets = ids[:, 1:]
+    ce, n, _ = _ce(model(ids[:, :-1]), ids, mask)
+    return ce, n
+
+
+def _ce(logits: mx.array, ids: mx.array, mask: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     m = mask[:, 1:]
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * m
-    return ce.sum(), m.sum()
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), ids[:, 1:]) * m
+    return ce.sum(), m.sum(), logits
+
+
+def kl_to_base(logits: mx.array, base_logits: mx.array, real: mx.array, temperature: float) -> mx.array:
+    """Summed KL(fine-tuned || base) over the real (non-padding) positions, times T^2."""
+    t = temperature
+    lp = nn.log_softmax(logits.astype(mx.float32) / t, axis=-1)
+    lq = nn.log_softmax(base_logits.astype(mx.float32) / t, axis=-1)
+    kl = (mx.exp(lp) * (lp - lq)).sum(axis=-1)
+    return (kl * real).sum() * (t * t)
 
 
 class MLXEngine:
@@ -45,7 +58,8 @@ class MLXEngine:
     world_size = 1
 
     def __init__(self, lm: LoadedModel, spec: AdapterSpec, *, weight_decay: float, packing: bool,
-                 device: str, seed: int = 0, grad_checkpoint: bool = False):
+                 device: str, seed: int = 0, grad_checkpoint: bool = False,
+                 distill_weight: float = 0.0, distill_temperature: float = 1.0):
         self.lm = lm
         # Dropout randomness is a pure function of (seed, micro-batch count): MLX's global
         # RNG key cannot be restored, so each micro-batch reseeds it and resume is exact.
@@ -56,6 +70,10 @@ class MLXEngine:
         self.device = device
         self.packing = packing
         self._mask_modules = model_modules(self.model) if packing else []
+        self.distill_weight = distill_weight
+        self.distill_temperature = distill_temperature
+        self._lora_layers = [self._module(n) for n in lm.lora_modules]
+        self.last_kl: float | None = None  # mean KL per real token of the last micro-batch
         self.optimizer = optim.AdamW(learning_rate=0.0, betas=[0.9, 0.999], eps=1e-8,
                                      weight_decay=weight_decay, bias_correction=True)
         self._acc: dict | None = None
@@ -67,22 +85,44 @@ class MLXEngine:
 
         @partial(mx.compile, inputs=state, outputs=state)
         def grad_step(ids: mx.array, mask: mx.array, seg: mx.array) -> Any:
-            (loss, n), grads = loss_and_grad(self.model, ids, mask, seg)
-            return loss, n, grads
+            (_, ce, n, kl), grads = loss_and_grad(self.model, ids, mask, seg)
+            return ce, n, kl, grads
 
         @partial(mx.compile, inputs=state, outputs=state)
         def eval_step(ids: mx.array, mask: mx.array, seg: mx.array) -> Any:
-            return self._loss(self.model, ids, mask, seg)
+            _, ce, n, _ = self._loss(self.model, ids, mask, seg, distill=False)
+            return ce, n
 
         self._grad_step = grad_step
         self._eval_step = eval_step
         mx.reset_peak_memory()
 
-    def _loss(self, model: nn.Module, ids: mx.array, mask: mx.array, seg: mx.array) -> Any:
-        if self.packing:
-            with packed_attention(self._mask_modules, seg[:, :-1]):
-                return token_losses(model, ids, mask)
-        return token_losses(model, ids, mask)
+    def _loss(self, model: nn.Module, ids: mx.array, mask: mx.array, seg: mx.array,
+              distill: bool = True) -> Any:
+        """(objective, CE sum, trained tokens, KL sum). The objective is the CE sum plus, with
+        distillation, weight x mean-KL-per-real-token x trained tokens, so that after the
+        loop's 1/tokens scaling it is CE mean + weight x KL mean."""
+        with packed_attention(self._mask_modules, seg[:, :-1]) if self.packing else _nullcontext():
+            ce, n, logits = _ce(model(ids[:, :-1]), ids, mask)
+            if not (distill and self.distill_weight > 0):
+                return ce, ce, n, mx.array(0.0)
+            scales = [m.scale for m in self._lora_layers]
+            for m in self._lora_layers:  # the base model: same weights, adapters off
+                m.scale = 0.0
+            base = mx.stop_gradient(model(ids[:, :-1]))
+            for m, sc in zip(self._lora_layers, scales):
+                m.scale = sc
+        real = (seg[:, 1:] > 0).astype(mx.float32)
+        kl = kl_to_base(logits, base, real, self.distill_temperature)
+        n_real = mx.maximum(real.sum(), 1.0)
+        objective = ce + self.distill_weight * kl * (n / n_real)
+        return objective, ce, n, kl
+
+    def _module(self, name: str) -> nn.Module:
+        mod = self.model
+        for part in name.split("."):
+            mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+        return mod
 
     @staticmethod
     def _arrays(batch: Batch) -> tuple[mx.array, mx.array, mx.array]:
@@ -94,9 +134,12 @@ class MLXEngine:
         self.model.train()
         mx.random.seed(self.seed * 1_000_003 + self.micro_count)
         self.micro_count += 1
-        loss, n, grads = self._grad_step(*self._arrays(batch))
+        loss, n, kl, grads = self._grad_step(*self._arrays(batch))
         self._acc = grads if self._acc is None else tree_map(mx.add, self._acc, grads)
-        mx.eval(loss, n, self._acc)
+        mx.eval(loss, n, kl, self._acc)
+        if self.distill_weight > 0:
+            real = int((batch.segment_ids[:, 1:] > 0).sum())
+            self.last_kl = float(kl.item()) / max(real, 1)
         return float(loss.item()), int(n.item())
 
     def optimizer_step(self, lr: float, n_tokens: int, max_grad_norm: float) -> float:
@@ -155,9 +198,7 @@ class MLXEngine:
         """HF module name -> (A [r, in], B [out, r]) in PEFT orientation."""
         out = {}
         for name in self.lm.lora_modules:
-            mod = self.model
-            for part in name.split("."):
-                mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+            mod = self._module(name)
             a = np.array(mod.lora_a.astype(mx.float32)).T
             b = np.array(mod.lora_b.astype(mx.float32)).T
             out[hf_module_name(name, self.lm.model_type)] = (a, b)

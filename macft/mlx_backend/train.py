@@ -105,7 +105,9 @@ def run_training(backend: Any, job: Any, callback: Any) -> LoopResult:
 
     engine = MLXEngine(lm, spec, weight_decay=cfg.train.weight_decay, packing=cfg.data.packing,
                        device=backend.device(), seed=cfg.train.seed,
-                       grad_checkpoint=cfg.train.grad_checkpoint)
+                       grad_checkpoint=cfg.train.grad_checkpoint,
+                       distill_weight=cfg.train.distill_weight,
+                       distill_temperature=cfg.train.distill_temperature)
     try:
         if job.resume_from is None:
             probe_memory(engine, job.plan, budget)

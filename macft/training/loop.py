@@ -165,7 +165,7 @@ def train(
     callback.on_start(TrainStart(
         total_steps=settings.total_steps, start_step=pos.step,
         steps_per_epoch=max(1, math.ceil(per_epoch / (settings.grad_accum * engine.world_size))),
-        examples=len(plan.examples), backend=engine.name, device=engine.device,
+        examples=plan.n_task, backend=engine.name, device=engine.device,
         trainable_params=trainable, total_params=total_params))
 
     stream = _rank_stream(plan, pos, engine.rank, engine.world_size)
