@@ -14,7 +14,13 @@ import pytest
 # Before anything imports mlx: MLX's CPU build then uses the system OpenBLAS (11x faster).
 from macft.mlx_backend.blas import preload_fast_blas
 
-preload_fast_blas()
+if preload_fast_blas():
+    # With OpenBLAS in the process, torch's own intra-op threads oversubscribe the 2 cores
+    # around OpenBLAS's threads (measured: a tiny-model step 101 ms -> 295 ms); one torch
+    # thread brings it back to 107 ms while matmuls still use OpenBLAS's threads.
+    import torch
+
+    torch.set_num_threads(1)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -64,3 +70,64 @@ def run_cli(capsys):
         return rc, out, err
 
     return run
+
+
+# --------------------------------------------------------------------------- export fixtures
+# (export/ and tests/test_export*.py; the llama.cpp build is the pinned one `macft setup
+# llama-cpp` caches, built here if CI has not built it yet.)
+
+
+@pytest.fixture(scope="session")
+def llama_tools():
+    """The pinned llama.cpp tools (built once per machine; idempotent)."""
+    from export.llama_cpp import ensure_built
+
+    return ensure_built()
+
+
+@pytest.fixture(scope="session")
+def gemma_trained_adapter(tiny_gemma, tmp_path_factory) -> Path:
+    """A PEFT LoRA adapter trained briefly (peft, CPU) on the nya data: the tiny model then
+    answers in the data's style and ends its turns with <end_of_turn>."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("gemma-adapter") / "adapter"
+    # In a fresh process: the OpenBLAS that this one preloads for MLX (above) competes with
+    # torch's threads and makes this training about 3x slower (measured: 63 s instead of 21 s).
+    code = ("import sys; from pathlib import Path; from export.fixtures import train_adapter; "
+            "train_adapter(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), steps=120, lr=3e-3)")
+    subprocess.run([sys.executable, "-c", code, str(tiny_gemma), str(NYA / "train.jsonl"), str(out)],
+                   check=True, cwd=REPO)
+    return out
+
+
+@pytest.fixture(scope="session")
+def gemma_run(tiny_gemma, gemma_trained_adapter, tmp_path_factory) -> Path:
+    """A hand-written run directory (config.yaml + resolved, adapter/, metrics.jsonl)."""
+    from export.fixtures import write_run_dir
+
+    return write_run_dir(tmp_path_factory.mktemp("runs") / "nya-gemma", tiny_gemma, gemma_trained_adapter, NYA)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(llama_tools, tmp_path_factory) -> Path:
+    """A tiny Qwen2 with Qwen2's byte-level BPE vocabulary (read from the pinned llama.cpp source).
+
+    Qwen2's own vocabulary, not GPT-2's: transformers 5 loads every qwen2 tokenizer as
+    Qwen2Tokenizer, whose pre-tokenizer (Qwen's regex + NFC) with GPT-2's vocabulary splits
+    text in a way llama.cpp's converter does not recognise (see tiny_qwen2_gpt2_vocab).
+    """
+    from export.llama_cpp import source_dir
+    from macft.tiny import build_tiny_qwen2
+
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"), source_dir() / "models" / "ggml-vocab-qwen2.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_gpt2_vocab(llama_tools, tmp_path_factory) -> Path:
+    """A tiny Qwen2 with GPT-2's vocabulary: a tokenizer llama.cpp's converter cannot identify."""
+    from export.llama_cpp import source_dir
+    from macft.tiny import build_tiny_qwen2
+
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2-gpt2"), source_dir() / "models" / "ggml-vocab-gpt-2.gguf")

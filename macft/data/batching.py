@@ -36,7 +36,7 @@ import numpy as np
 
 from .dataset import Example
 
-MEGA = 64  # batches per sorting window: larger = less padding, less randomness
+MEGA = 8  # batches per sorting window: larger = less padding, less randomness
 PAD_MULTIPLE = 8  # pad the time axis to a multiple of this (fewer distinct shapes)
 
 

@@ -1,0 +1,300 @@
+"""The PyTorch :class:`~macft.training.loop.Engine`: the math of one step, nothing else.
+
+Loss (the shared convention of :mod:`macft.data.batching`): cross-entropy of
+``logits[:, :-1]`` against ``input_ids[:, 1:]`` weighted by ``loss_mask[:, 1:]``,
+*summed* over tokens. :func:`token_losses` / :func:`batch_loss` compute it for
+one batch and are usable on their own (cross-backend parity checks).
+
+- Padded batches: ``attention_mask = segment_ids > 0`` (right padding).
+- Packed batches: ``position_ids`` restart at each example and there is no
+  attention mask; with ``use_cache=False`` transformers reads the restarts as
+  sequence boundaries and keeps examples from attending to each other.
+- Logits are computed only at positions where some row has a target
+  (``logits_to_keep``): on assistant-only data most positions carry no loss, and
+  the logits are the largest activation of a small model with a big vocabulary.
+
+Randomness: LoRA dropout is reseeded before every micro-batch from (seed, step,
+global micro-batch index). Resuming therefore replays the same dropout masks, and
+one process with ``grad_accum`` 2 draws the same masks as two processes with 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import random
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from macft.adapter import AdapterSpec, read_peft_adapter, write_peft_adapter
+from macft.data.batching import Batch
+from macft.errors import MacftError
+
+from .distributed import DistContext
+from .hardware import Precision
+
+STATE_NAME = "torch_state.pt"
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def batch_inputs(batch: Batch, device: Any) -> dict[str, Any]:
+    """Model inputs for a :class:`Batch` (see the module docstring for the rules)."""
+    import torch
+
+    ids = torch.from_numpy(batch.input_ids.astype(np.int64)).to(device)
+    inputs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
+    if batch.packed:
+        inputs["position_ids"] = torch.from_numpy(batch.position_ids.astype(np.int64)).to(device)
+    else:
+        inputs["attention_mask"] = torch.from_numpy((batch.segment_ids > 0).astype(np.int64)).to(device)
+    return inputs
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def token_losses(model: Any, batch: Batch, device: Any) -> Any:
+    """Per-token loss ``[B, T-1]`` (fp32): entry ``t`` is the cross-entropy of predicting
+    ``input_ids[:, t+1]``, times ``loss_mask[:, t+1]`` (0 where nothing is trained)."""
+    import torch
+    import torch.nn.functional as F
+
+    inputs = batch_inputs(batch, device)
+    ids = inputs["input_ids"]
+    w = torch.from_numpy(batch.loss_mask[:, 1:]).to(device)
+    b, t1 = w.shape
+    out_full = torch.zeros(b, t1, dtype=torch.float32, device=device)
+    keep = torch.nonzero(w.sum(0) > 0).squeeze(1)  # positions whose next token is a target
+    if keep.numel() == 0:
+        return out_full
+    if _accepts_logits_to_keep(model):
+        logits = model(**inputs, logits_to_keep=keep).logits
+    else:
+        logits = model(**inputs).logits[:, :-1].index_select(1, keep)
+    targets = ids[:, 1:].index_select(1, keep)
+    ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # [B, K]
+    return out_full.index_copy(1, keep, ce * w.index_select(1, keep))
+
+
+def batch_loss(model: Any, batch: Batch, device: Any) -> tuple[Any, int]:
+    """(summed token loss as a 0-d tensor, number of trained tokens)."""
+    return token_losses(model, batch, device).sum(), batch.n_trained
+
+
+def distill_loss(model: Any, batch: Batch, device: Any, temperature: float) -> tuple[Any, Any, Any, int]:
+    """LwF: (CE sum, KL sum, real-token count, trained tokens) for a peft model.
+
+    KL(fine-tuned || base) over every real (non-padding) position, times T^2. The base
+    logits come from the same model under ``disable_adapter()`` without gradients: no
+    second copy of the model in memory, one extra forward pass.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    inputs = batch_inputs(batch, device)
+    ids = inputs["input_ids"]
+    with torch.no_grad(), model.disable_adapter():
+        base = model(**inputs).logits[:, :-1].float()
+    logits = model(**inputs).logits[:, :-1].float()
+    w = torch.from_numpy(batch.loss_mask[:, 1:]).to(device)
+    ce = (F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none") * w).sum()
+    real = torch.from_numpy((batch.segment_ids[:, 1:] > 0).astype(np.float32)).to(device)
+    t = temperature
+    lp = F.log_softmax(logits / t, dim=-1)
+    lq = F.log_softmax(base / t, dim=-1)
+    kl = ((lp.exp() * (lp - lq)).sum(-1) * real).sum() * (t * t)
+    return ce, kl, real.sum(), batch.n_trained
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def _seed_for(seed: int, step: int, global_micro: int) -> int:
+    h = hashlib.blake2b(f"macft-{seed}-{step}-{global_micro}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+class TorchEngine:
+    """Implements :class:`macft.training.loop.Engine` for a peft model."""
+
+    name = "cuda"
+
+    def __init__(self, model: Any, lora_modules: dict[str, Any], spec: AdapterSpec, optimizer: Any,
+                 ctx: DistContext, precision: Precision, seed: int, device_label: str,
+                 distill_weight: float = 0.0, distill_temperature: float = 1.0):
+        import torch
+
+        self.distill_weight = distill_weight
+        self.distill_temperature = distill_temperature
+        self.last_kl: float | None = None  # mean KL per real token of the last micro-batch
+        self.model = model
+        self.lora_modules = lora_modules
+        self.spec = spec
+        self.optimizer = optimizer
+        self.ctx = ctx
+        self.precision = precision
+        self.seed = seed
+        self.device = device_label
+        self.rank = ctx.rank
+        self.world_size = ctx.world_size
+        self.torch_device = torch.device(ctx.device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.steps_done = 0  # optimizer steps taken (restored on resume)
+        self._micro = 0  # micro-batches since the last optimizer step, on this process
+        ctx.broadcast_(self.params)
+
+    # -- forward / backward ----------------------------------------------------------
+
+    def _autocast(self) -> Any:
+        import torch
+
+        if self.precision.autocast:
+            return torch.autocast(device_type=self.torch_device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_micro(self, batch: Batch) -> tuple[float, int]:
+        import torch
+
+        self.model.train()
+        global_micro = self._micro * self.world_size + self.rank
+        torch.manual_seed(_seed_for(self.seed, self.steps_done, global_micro))
+        self._micro += 1
+        if batch.n_trained == 0:
+            return 0.0, 0
+        with self._autocast():
+            if self.distill_weight > 0:
+                # objective = CE sum + weight x mean KL x trained tokens, so that after the
+                # loop's 1/tokens scaling it is CE mean + weight x KL mean (as in MLX)
+                loss_sum, kl, n_real, n = distill_loss(self.model, batch, self.torch_device,
+                                                       self.distill_temperature)
+                kl_mean = kl / n_real.clamp(min=1.0)
+                (loss_sum + self.distill_weight * kl_mean * n).backward()
+                self.last_kl = float(kl_mean.detach())
+                return float(loss_sum.detach()), n
+            loss_sum, n = batch_loss(self.model, batch, self.torch_device)
+        loss_sum.backward()
+        return float(loss_sum.detach()), n
+
+    def optimizer_step(self, lr: float, n_tokens: int, max_grad_norm: float) -> float:
+        import torch
+
+        self.ctx.sum_gradients_(self.params)
+        grads = []
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        torch._foreach_mul_(grads, 1.0 / n_tokens)
+        if max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        self._micro = 0
+        return float(norm)
+
+    def discard_gradients(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._micro = 0
+
+    def eval_batch(self, batch: Batch) -> tuple[float, int]:
+        import torch
+
+        self.model.eval()
+        if batch.n_trained == 0:
+            return 0.0, 0
+        with torch.no_grad(), self._autocast():
+            loss_sum, n = batch_loss(self.model, batch, self.torch_device)
+        return float(loss_sum), n
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        return self.ctx.all_sum(values)
+
+    # -- files (rank 0 only; no collectives in here) -----------------------------------
+
+    def adapter_arrays(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        out = {}
+        for name, mod in self.lora_modules.items():
+            a = mod.lora_A["default"].weight.detach().float().cpu().numpy()
+            b = mod.lora_B["default"].weight.detach().float().cpu().numpy()
+            out[name] = (a, b)
+        return out
+
+    def save_adapter(self, path: Path) -> None:
+        write_peft_adapter(path, self.adapter_arrays(), self.spec)
+
+    def save_state(self, path: Path) -> None:
+        import torch
+
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "steps_done": self.steps_done,
+            "world_size": self.world_size,
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+        }
+        torch.save(state, path / STATE_NAME)
+
+    def load_state(self, path: Path) -> None:
+        import torch
+
+        f = path / STATE_NAME
+        if not f.is_file():
+            raise MacftError(f"{path} has no {STATE_NAME}: it was not written by the cuda backend.",
+                             "Resume a run with the backend that started it (see its config.yaml).")
+        arrays, _ = read_peft_adapter(path)
+        if set(arrays) != set(self.lora_modules):
+            extra = sorted(set(arrays) ^ set(self.lora_modules))[:5]
+            raise MacftError(f"The checkpoint's adapter in {path} does not match this model's LoRA "
+                             f"layers (differences: {', '.join(extra)}).",
+                             "Resume with the same model and LoRA settings (they are in config.yaml).")
+        with torch.no_grad():
+            for name, (a, b) in arrays.items():
+                mod = self.lora_modules[name]
+                mod.lora_A["default"].weight.copy_(torch.from_numpy(a))
+                mod.lora_B["default"].weight.copy_(torch.from_numpy(b))
+        # our own file, holding numpy RNG tuples: not loadable with weights_only=True
+        state = torch.load(f, map_location=self.torch_device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps_done = int(state["steps_done"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"].cpu())
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        self.ctx.broadcast_(self.params)
+
+    # -- reporting ------------------------------------------------------------------
+
+    def peak_memory_gb(self) -> float:
+        """GPU: ``torch.cuda.max_memory_allocated`` (tensors only, this process's GPU).
+        CPU: the process's peak resident set size (everything: Python, libraries, tensors)."""
+        if self.torch_device.type == "cuda":
+            import torch
+
+            return torch.cuda.max_memory_allocated(self.torch_device) / 1e9
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9  # bytes on macOS, KiB on Linux
+
+    def param_counts(self) -> tuple[int, int]:
+        # peft counts 4-bit weights at their real size (two values per stored byte)
+        trainable, total = self.model.get_nb_trainable_parameters()
+        return int(trainable), int(total)

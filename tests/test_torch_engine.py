@@ -1,0 +1,208 @@
+"""PyTorch backend, in-process on the tiny Gemma-3: the loss on one batch, packing,
+LoRA target resolution, the 4-bit quantization record. A few seconds each."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def nya_examples(tiny_gemma, nya_dir):
+    from macft.data.dataset import build_data
+    from macft.data.render import Renderer
+    from macft.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_gemma))
+    data = build_data(str(nya_dir), None, Renderer(tok), fmt="auto", max_seq_len=512,
+                      valid_fraction=0.1, seed=0, split="train")
+    return data.train
+
+
+@pytest.fixture(scope="module")
+def base_model(tiny_gemma):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_gemma), dtype=torch.float32).eval()
+
+
+def _per_example(batch, losses):
+    """Summed loss of each example, in row order then segment order."""
+    seg = batch.segment_ids[:, 1:]  # losses[:, t] belongs to the token at t + 1
+    out = []
+    for i in range(seg.shape[0]):
+        for s in range(1, int(seg[i].max()) + 1):
+            out.append(float(losses[i][torch.from_numpy(seg[i] == s)].sum()))
+    return np.array(out)
+
+
+def test_packed_batch_gives_the_same_per_example_losses(base_model, nya_examples):
+    from cuda_backend.engine import token_losses
+    from macft.data.batching import collate
+
+    ex = nya_examples[:7]
+    padded = collate([[e] for e in ex], pad_id=0, packed=False)
+    packed = collate([ex[:3], ex[3:5], ex[5:]], pad_id=0, packed=True)
+    assert packed.packed and packed.shape[0] == 3
+    with torch.no_grad():
+        a = _per_example(padded, token_losses(base_model, padded, "cpu"))
+        b = _per_example(packed, token_losses(base_model, packed, "cpu"))
+    assert np.allclose(a, b, rtol=1e-5, atol=1e-4), np.abs(a - b).max()
+    # the check has teeth: without the position restarts the examples see each other
+    leaky = collate([ex[:3], ex[3:5], ex[5:]], pad_id=0, packed=False)
+    with torch.no_grad():
+        c = _per_example(leaky, token_losses(base_model, leaky, "cpu"))
+    assert np.abs(a[1:3] - c[1:3]).max() > 1e-2
+
+
+def test_batch_loss_matches_transformers_own_loss(base_model, nya_examples):
+    from cuda_backend.engine import batch_loss
+    from macft.data.batching import collate
+
+    e = nya_examples[0]
+    batch = collate([[e]], pad_id=0, packed=False)
+    ids = torch.tensor(batch.input_ids, dtype=torch.long)
+    labels = ids.clone()
+    labels[torch.from_numpy(batch.loss_mask) == 0] = -100
+    with torch.no_grad():
+        ref = base_model(input_ids=ids, labels=labels).loss * batch.n_trained
+        ours, n = batch_loss(base_model, batch, "cpu")
+    assert n == batch.n_trained > 0
+    assert abs(float(ours) - float(ref)) < 1e-3 * float(ref)
+
+
+def test_targets_all_linear_and_last_layers(base_model):
+    from cuda_backend.model import resolve_targets
+
+    t = resolve_targets(base_model, ["all-linear"], -1)
+    assert len(t.modules) == 6 * 7 and t.layers is None
+    assert t.peft_targets == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    t2 = resolve_targets(base_model, ["q_proj", "v_proj"], 2)
+    assert t2.modules == [f"model.layers.{i}.self_attn.{p}" for i in (4, 5) for p in ("q_proj", "v_proj")]
+    assert t2.peft_targets == ["q_proj", "v_proj"] and t2.peft_layers == [4, 5]
+
+
+def test_unknown_target_is_a_clear_error(base_model):
+    from cuda_backend.model import resolve_targets
+    from macft.errors import MacftError
+
+    with pytest.raises(MacftError) as e:
+        resolve_targets(base_model, ["qkv_proj"], -1)
+    assert "qkv_proj" in str(e.value) and "q_proj" in str(e.value)
+
+
+def test_gemma3_4b_layout_adapts_the_text_part_only():
+    """Gemma-3 4B+ loads as Gemma3ForConditionalGeneration: LoRA must skip the vision tower."""
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma3Config,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    from cuda_backend.model import is_multimodal, resolve_targets
+
+    tc = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                          query_pre_attn_scalar=32)
+    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, image_size=28, patch_size=14)
+    cfg = Gemma3Config(text_config=tc, vision_config=vc, mm_tokens_per_image=4)
+    model = AutoModelForCausalLM.from_config(cfg)
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    assert is_multimodal(cfg.to_dict())
+    t = resolve_targets(model, ["all-linear"], -1)
+    assert len(t.modules) == 2 * 7
+    assert all(m.startswith("model.language_model.layers.") for m in t.modules)
+    # q_proj alone would also hit the vision tower: the adapter names modules exactly
+    assert t.peft_targets == sorted(t.modules) and t.peft_layers is None
+
+
+def test_4bit_quantization_record(tiny_gemma):
+    from cuda_backend.hardware import Precision
+    from cuda_backend.model import load_base, quant_record
+
+    model = load_base(tiny_gemma, {}, "4bit", Precision("fp32", False), "cpu")
+    rec = quant_record(model, "4bit", Precision("fp32", False))
+    assert rec["method"] == "bnb-nf4" and rec["double_quant"] is True and rec["blocksize"] == 64
+    assert rec["compute_dtype"] == "float32"
+    assert rec["unquantized"] == ["lm_head"]
+    assert len(rec["quantized"]) == 42
+
+
+def test_8bit_quantization_record(tiny_gemma):
+    from cuda_backend.hardware import Precision
+    from cuda_backend.model import load_base, quant_record
+
+    model = load_base(tiny_gemma, {}, "8bit", Precision("fp32", False), "cpu")
+    rec = quant_record(model, "8bit", Precision("fp32", False))
+    assert rec["method"] == "bnb-int8" and rec["threshold"] == 6.0
+    assert rec["unquantized"] == ["lm_head"] and len(rec["quantized"]) == 42
+
+
+def test_checkpointing_gives_the_same_gradients(tiny_gemma, nya_examples):
+    """Non-reentrant activation checkpointing recomputes, it must not change the math
+    (dropout included: the recomputation replays the RNG state)."""
+    from cuda_backend.engine import batch_loss
+    from cuda_backend.hardware import Precision
+    from cuda_backend.model import apply_lora, enable_checkpointing, load_base, resolve_targets
+    from macft.config import RunConfig
+    from macft.data.batching import collate
+
+    batch = collate([[e] for e in nya_examples[:4]], pad_id=0, packed=False)
+    cfg = RunConfig()
+    grads = []
+    for ckpt in (False, True):
+        model = load_base(tiny_gemma, {}, "none", Precision("fp32", False), "cpu")
+        if ckpt:
+            enable_checkpointing(model)
+        peft_model = apply_lora(model, cfg, resolve_targets(model, ["all-linear"], -1))
+        peft_model.train()
+        with torch.no_grad():  # B starts at zero: give it values so A gets gradients too
+            for n, p in peft_model.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.full_like(p, 0.01))
+        torch.manual_seed(1)
+        loss, _ = batch_loss(peft_model, batch, "cpu")
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in peft_model.parameters() if p.requires_grad]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+    assert grads[0].abs().max() > 0
+
+
+def test_loss_on_the_gemma3_4b_class():
+    """logits_to_keep and the loss work on Gemma3ForConditionalGeneration (text only)."""
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma3Config,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    from cuda_backend.engine import batch_loss, token_losses
+    from macft.data.batching import collate
+    from macft.data.dataset import Example
+
+    tc = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                          query_pre_attn_scalar=32)
+    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, image_size=28, patch_size=14)
+    model = AutoModelForCausalLM.from_config(Gemma3Config(text_config=tc, vision_config=vc,
+                                                          mm_tokens_per_image=4)).eval()
+    rng = np.random.default_rng(0)
+    ex = [Example(ids=rng.integers(5, 290, n).astype(np.int32),
+                  mask=(np.arange(n) > n // 2).astype(np.uint8), where="x") for n in (9, 14)]
+    batch = collate([[e] for e in ex], pad_id=0, packed=False)
+    with torch.no_grad():
+        ours, n = batch_loss(model, batch, "cpu")
+        ids = torch.tensor(batch.input_ids, dtype=torch.long)
+        logits = model(input_ids=ids, attention_mask=torch.tensor(batch.segment_ids > 0).long()).logits
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        ref = (ce * torch.from_numpy(batch.loss_mask[:, 1:])).sum()
+    assert n == batch.n_trained
+    assert abs(float(ours) - float(ref)) < 1e-4 * float(ref)
+    assert token_losses(model, batch, "cpu").shape == (2, batch.shape[1] - 1)
