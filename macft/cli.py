@@ -85,11 +85,57 @@ def _doctor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="Print one JSON object (for scripts).")
 
 
+def _model_source_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (one of --run, --model [--adapter], --gguf)")
+    g.add_argument("--run", metavar="RUN", help="A run directory: its base model + adapter, by the backend that trained it.")
+    g.add_argument("--best", action="store_true", help="With --run: the best_adapter/ (lowest validation loss).")
+    g.add_argument("--model", metavar="BASE", help="A base model (hub id or directory), optionally with --adapter.")
+    g.add_argument("--adapter", metavar="DIR", help="A PEFT LoRA adapter for --model.")
+    g.add_argument("--gguf", metavar="FILE", help="A GGUF file, run with the pinned llama.cpp (with --run or "
+                   "--model, their tokenizer renders the chat; else the GGUF's own template).")
+    g.add_argument("--lora-gguf", metavar="FILE", help="A GGUF LoRA to apply on --gguf.")
+    g.add_argument("--backend", choices=["auto", "mlx", "cuda"], help="Override the backend (default: the run's).")
+    g.add_argument("--llama-cpp", metavar="DIR", help="Your own llama.cpp checkout (built) for --gguf.")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--system", metavar="TEXT", help="System prompt.")
+    s.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="Longest answer (default 256).")
+    s.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default).")
+    s.add_argument("--top-p", type=float, default=1.0, metavar="P", help="Nucleus sampling (default 1.0).")
+    s.add_argument("--seed", type=int, default=0, metavar="N", help="Sampling seed (default 0).")
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", metavar="TEXT", help="One user message; the answer alone goes to stdout.")
+    p.add_argument("--prompts", metavar="FILE.jsonl", help="One prompt per line (a string, {\"prompt\": ...} or "
+                   "{\"messages\": [...]}); one JSON line {\"answer\", \"stopped\"} per prompt to stdout.")
+    p.add_argument("--base", action="store_true", help="Answer with the adapter switched off (the base model).")
+    _model_source_args(p)
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", metavar="RUN", required=True, help="The run directory to judge.")
+    p.add_argument("--best", action="store_true", help="Judge best_adapter/ instead of adapter/.")
+    p.add_argument("--gguf", metavar="FILE", help="Also run the same prompts through this GGUF (llama.cpp).")
+    p.add_argument("--general", metavar="DATA", help="General held-out data (any supported format) for the "
+                   "retention numbers: KL to the base and perplexity before vs after.")
+    p.add_argument("--prompts", type=int, default=16, metavar="N", help="Held-out prompts to generate from (default 16).")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="Longest answer (default 64).")
+    p.add_argument("--backend", choices=["auto", "mlx", "cuda"], help="Override the run's backend.")
+    p.add_argument("--llama-cpp", metavar="DIR", help="Your own llama.cpp checkout for --gguf.")
+    p.add_argument("--output", metavar="DIR", help="Where eval-report.json / .md go (default: the run).")
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {
     "train": ("Fine-tune a model with LoRA / QLoRA (MLX or PyTorch backend).", _train_args,
               "macft.commands.train:run"),
     "models": ("List the presets and the model architectures each backend supports.", _models_args,
                "macft.commands.models:run"),
+    "chat": ("Talk to a fine-tune in the terminal (streaming; /reset, /system, /base, /tuned).",
+             _model_source_args, "macft.commands.chat:run_chat"),
+    "generate": ("Answer prompts non-interactively, printing only the answers (for scripts).",
+                 _generate_args, "macft.commands.chat:run_generate"),
+    "eval": ("Judge a run: loss, perplexity, base vs fine-tuned answers, stop rate, retention, GGUF.",
+             _eval_args, "macft.commands.eval:run"),
     "doctor": ("Check this machine: torch build vs GPU, bitsandbytes, MLX, tokenizer extras, llama.cpp, "
                "memory, disk; with the fix for each problem.", _doctor_args, "macft.commands.doctor:run"),
 }

@@ -125,7 +125,9 @@ class TrainConfig:
 @dataclass
 class ExportConfig:
     quant: list[str] = opt(["q4_k_m"], f"GGUF quantization types, comma separated: {', '.join(QUANT_TYPES)}.")
-    outtype: Literal["bf16", "f16"] = opt("bf16", "Type of the 16-bit GGUF converted from the merged model.")
+    outtype: Literal["auto", "bf16", "f16"] = opt(
+        "auto", "Type of the 16-bit GGUF converted from the merged model; auto: f16 when every weight "
+        "fits its range (more precise), else bf16.")
     merge_base: Literal["trained", "original"] = opt(
         "trained", "QLoRA adapters: merge into the base as training saw it (dequantized), "
         "or into the original 16-bit weights.")

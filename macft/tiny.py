@@ -174,3 +174,54 @@ def _read_bpe_vocab(path: Path) -> tuple[list[str], list[tuple[str, str]]]:
     merges = [tuple(m.split(" ", 1)) for m in strings("tokenizer.ggml.merges")]
     # GPT-2's own <|endoftext|> is the last token; ChatML tokens are added after it
     return tokens, merges  # type: ignore[return-value]
+
+
+def pretrain(model_dir: Path, data: Path, out: Path, *, steps: int = 150, lr: float = 1e-3,
+             batch_size: int = 8, seed: int = 0) -> Path:
+    """Give a tiny random model some "general knowledge": a short full fine-tune (every weight,
+    PyTorch, fp32) on ``data``, saved as a new base model in ``out``.
+
+    A random-init base answers with noise, which makes "before vs after" and forgetting
+    (LwF) meaningless; after this its answers follow ``data`` (plain answers for
+    examples/data/general), like a real pretrained base would.
+    """
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .data.batching import BatchPlan
+    from .data.dataset import build_data
+    from .data.render import Renderer
+    from .data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(model_dir))
+    d = build_data(str(data), None, Renderer(tok), max_seq_len=256, valid_fraction=0)
+    plan = BatchPlan(d.train, batch_size, seed=seed, pad_id=tok.pad_token_id or 0)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    stream = plan.iterate()
+    for step in range(steps):
+        _, _, b = next(stream)
+        ids = torch.from_numpy(b.input_ids.astype("int64"))
+        att = torch.from_numpy((b.segment_ids > 0).astype("int64"))
+        w = torch.from_numpy(b.loss_mask[:, 1:])
+        logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[:, :-1]
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        loss = (ce * w).sum() / w.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 10) * (1 - step / steps)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.save_pretrained(str(out), safe_serialization=True)
+    for f in Path(model_dir).iterdir():
+        if f.is_file() and not f.name.startswith("model") and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    return out

@@ -58,6 +58,31 @@ def tiny_gemma(tmp_path_factory) -> Path:
     return build_tiny_gemma3(out, texts)
 
 
+MLX_TRAIN_ARGS = ["--backend", "mlx", "--batch-size", "4", "--learning-rate", "3e-3", "--log-every", "5",
+                  "--seed", "0"]
+
+
+@pytest.fixture(scope="session")
+def mlx_run(tiny_gemma, tmp_path_factory):
+    """The tiny Gemma-3 trained with MLX for 150 steps on the nya chat data (about 35 s)."""
+    from macft.cli import main
+
+    out = tmp_path_factory.mktemp("mlx") / "run"
+    rc = main(["train", "--model", str(tiny_gemma), "--data", str(NYA), "--output", str(out),
+               "--iters", "150", "--eval-every", "50", "--save-every", "50", *MLX_TRAIN_ARGS])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def general_gemma(tiny_gemma, tmp_path_factory) -> Path:
+    """The tiny Gemma-3 after a short full fine-tune on examples/data/general (plain answers):
+    a base with some "knowledge" to keep, for before/after and forgetting tests."""
+    from macft.tiny import pretrain
+
+    return pretrain(tiny_gemma, DATA / "general" / "train.jsonl", tmp_path_factory.mktemp("general-gemma3"))
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run `macft ...` in-process; returns (exit code, stdout, stderr)."""
@@ -112,22 +137,24 @@ def gemma_run(tiny_gemma, gemma_trained_adapter, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_qwen2(llama_tools, tmp_path_factory) -> Path:
-    """A tiny Qwen2 with Qwen2's byte-level BPE vocabulary (read from the pinned llama.cpp source).
+    """A tiny Qwen2 with GPT-2's byte-level BPE vocabulary (from the pinned llama.cpp source)
+    plus ChatML tokens.
 
-    Qwen2's own vocabulary, not GPT-2's: transformers 5 loads every qwen2 tokenizer as
-    Qwen2Tokenizer, whose pre-tokenizer (Qwen's regex + NFC) with GPT-2's vocabulary splits
-    text in a way llama.cpp's converter does not recognise (see tiny_qwen2_gpt2_vocab).
+    transformers 5 loads every qwen2 tokenizer as Qwen2Tokenizer (Qwen's regex + NFC), so
+    llama.cpp's converter cannot identify this one's pre-tokenizer: it trains, it does not
+    export (tests/test_export_errors.py). Exports use tiny_qwen2_qwen_vocab.
     """
     from export.llama_cpp import source_dir
     from macft.tiny import build_tiny_qwen2
 
-    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"), source_dir() / "models" / "ggml-vocab-qwen2.gguf")
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"), source_dir() / "models" / "ggml-vocab-gpt-2.gguf")
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2_gpt2_vocab(llama_tools, tmp_path_factory) -> Path:
-    """A tiny Qwen2 with GPT-2's vocabulary: a tokenizer llama.cpp's converter cannot identify."""
+def tiny_qwen2_qwen_vocab(llama_tools, tmp_path_factory) -> Path:
+    """A tiny Qwen2 with Qwen2's own vocabulary (151,936 tokens, 88 MB): llama.cpp's converter
+    recognises its pre-tokenizer as "qwen2", so it exports."""
     from export.llama_cpp import source_dir
     from macft.tiny import build_tiny_qwen2
 
-    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2-gpt2"), source_dir() / "models" / "ggml-vocab-gpt-2.gguf")
+    return build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2-qwen"), source_dir() / "models" / "ggml-vocab-qwen2.gguf")

@@ -12,20 +12,7 @@ import pytest
 
 pytest.importorskip("mlx_lm")
 
-TRAIN_ARGS = ["--backend", "mlx", "--batch-size", "4", "--learning-rate", "3e-3", "--log-every", "5",
-              "--seed", "0"]
-
-
-@pytest.fixture(scope="module")
-def mlx_run(tiny_gemma, nya_dir, tmp_path_factory):
-    """150 optimizer steps on the nya chat data (about 35 s here)."""
-    from macft.cli import main
-
-    out = tmp_path_factory.mktemp("mlx") / "run"
-    rc = main(["train", "--model", str(tiny_gemma), "--data", str(nya_dir), "--output", str(out),
-               "--iters", "150", "--eval-every", "50", "--save-every", "50", *TRAIN_ARGS])
-    assert rc == 0
-    return out
+from conftest import MLX_TRAIN_ARGS as TRAIN_ARGS
 
 
 def greedy(model, prompt_ids: list[int], stop_ids: set[int], max_new: int = 40) -> tuple[list[int], bool]:

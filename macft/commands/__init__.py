@@ -41,7 +41,10 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                    help="Validation tokens scored for perplexity / agreement (default 4096; fewer "
                         "for very large vocabularies).")
     v.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="Threads for llama.cpp (default: all cores).")
+                   help="Threads for llama.cpp and the reference model (default: all cores).")
+    v.add_argument("--no-verify", action="store_true",
+                   help="Skip the comparison with the Hugging Face model (it loads the model in fp32); "
+                        "the files are then unchecked.")
     add_config_flags(p, ("export",))
 
 

@@ -61,6 +61,13 @@ def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path | None]:
     base = get_preset(args.preset).config if getattr(args, "preset", None) else None
     cfg = build_config(args.config, values, base=base)
     validate(cfg, require=("model.name", "data.train"))
+    # Later commands (export, eval) run from anywhere: keep local paths absolute.
+    for key in ("train", "valid", "rehearsal_data"):
+        v = getattr(cfg.data, key)
+        if v and Path(v).expanduser().exists():
+            setattr(cfg.data, key, str(Path(v).expanduser().resolve()))
+    if cfg.model.name and Path(cfg.model.name).expanduser().exists():
+        cfg.model.name = str(Path(cfg.model.name).expanduser().resolve())
     return cfg, None
 
 

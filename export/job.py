@@ -1,0 +1,136 @@
+"""What to export, resolved and checked before anything is written.
+
+Every check that can fail on bad input runs here, so a refused export leaves nothing behind:
+the run or adapter, the base model, the quantization types, the output location.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from macft.adapter import CONFIG_NAME, WEIGHTS_NAME
+from macft.config import RunConfig, build_config, load_run_config
+from macft.errors import MacftError
+
+from .dequant import BaseQuantization, read_base_quantization
+from .quantize import parse_quant_types
+
+
+@dataclass
+class ExportOptions:
+    quants: list[str] = field(default_factory=lambda: ["q4_k_m"])
+    outtype: str = "auto"
+    merge_base: str = "trained"
+    lora_gguf: bool = False
+    keep_intermediate: bool = False
+    llama_cpp: str | None = None
+    prompts_file: str | None = None
+    n_prompts: int = 8
+    max_new_tokens: int = 48
+    eval_tokens: int = 4096
+    threads: int = 0
+    verify: bool = True
+    # Tests switch this off to show that verification catches the converter's special-token bug.
+    restore_special_tokens: bool = True
+
+
+@dataclass
+class ExportJob:
+    adapter_dir: Path
+    base: str
+    output: Path
+    name: str
+    options: ExportOptions
+    run_dir: Path | None = None
+    cfg: RunConfig | None = None
+    resolved: dict[str, Any] = field(default_factory=dict)
+    recorded_quant: BaseQuantization | None = None  # how training quantized the base, if it did
+
+    @property
+    def merge_quant(self) -> BaseQuantization | None:
+        """The roundtrip the merge applies: the recorded one unless --merge-base original."""
+        return self.recorded_quant if self.options.merge_base == "trained" else None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
+
+
+def check_adapter_dir(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise MacftError(f"{what} {path} does not exist.",
+                         "Pass the adapter/ directory of a run (or --run RUN), or a PEFT LoRA adapter.")
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (path / n).is_file()]
+    if missing:
+        present = sorted(p.name for p in path.iterdir())[:8]
+        raise MacftError(f"{path} is not a PEFT LoRA adapter: {', '.join(missing)} missing "
+                         f"(found: {', '.join(present) or 'nothing'}).",
+                         "Pass a directory holding adapter_config.json and adapter_model.safetensors.")
+
+
+def resolve_job(*, run: str | None, adapter: str | None, model: str | None, output: str | None,
+                name: str | None, best: bool, export_values: dict[str, Any],
+                options: ExportOptions) -> ExportJob:
+    """The export to do, from command-line values (``export_values``: 'export.*' keys)."""
+    if run and adapter:
+        raise MacftError("--run and --adapter are alternatives; pass one of them.",
+                         "--run RUN for a macft run, or --adapter DIR --model BASE for an adapter made elsewhere.")
+    if not run and not adapter:
+        raise MacftError("Nothing to export: pass --run RUN (a `macft train` run directory) or "
+                         "--adapter DIR --model BASE.")
+    cfg: RunConfig | None = None
+    resolved: dict[str, Any] = {}
+    run_dir = None
+    if run:
+        run_dir = Path(run)
+        if not run_dir.is_dir():
+            raise MacftError(f"Run directory {run_dir} does not exist.", "Pass the directory `macft train` wrote.")
+        cfg, resolved = load_run_config(run_dir)
+        adapter_dir = run_dir / ("best_adapter" if best else "adapter")
+        if not (adapter_dir / WEIGHTS_NAME).is_file():
+            others = [d for d in ("adapter", "best_adapter") if (run_dir / d / WEIGHTS_NAME).is_file()]
+            ckpts = sorted((run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").is_dir() else []
+            hint = (f"Use {'--best' if 'best_adapter' in others else 'the default adapter (drop --best)'}."
+                    if others else
+                    f"Finish the run first: `macft train --resume {run_dir}`." if ckpts else
+                    "The run stopped before writing an adapter; train again.")
+            raise MacftError(f"{run_dir} has no adapter to export: {adapter_dir.name}/{WEIGHTS_NAME} is missing.",
+                             hint)
+        check_adapter_dir(adapter_dir, "Adapter")
+        # the path training resolved, unless it is gone (then the name given to training)
+        recorded = resolved.get("model_path")
+        base = model or (recorded if recorded and Path(str(recorded)).exists() else cfg.model.name)
+        default_out = run_dir / "export"
+        default_name = _slug(run_dir.resolve().name)
+    else:
+        adapter_dir = Path(adapter)  # type: ignore[arg-type]
+        check_adapter_dir(adapter_dir, "Adapter")
+        if not model:
+            raise MacftError("--adapter needs --model: the base model the adapter was trained on.",
+                             "Add --model DIR_OR_HUB_ID.")
+        base = model
+        default_out = adapter_dir.parent / f"{_slug(adapter_dir.resolve().name)}-export"
+        default_name = _slug(Path(str(model).rstrip("/")).name) + "-lora"
+    if not base:
+        raise MacftError(f"The run in {run_dir} names no base model.", "Pass --model BASE.")
+    # export settings: the run's saved export section < command line
+    saved = {"export": (cfg.to_dict()["export"] if cfg else {})}
+    raw = export_values.get("export.quant")
+    ecfg = build_config(base=saved, cli_values={k: v for k, v in export_values.items() if k != "export.quant"})
+    quants_in = str(raw).split(",") if raw is not None else ecfg.export.quant
+    options.quants = parse_quant_types(quants_in)
+    options.outtype = ecfg.export.outtype
+    options.merge_base = ecfg.export.merge_base
+    options.lora_gguf = ecfg.export.lora_gguf
+    options.keep_intermediate = ecfg.export.keep_intermediate
+    options.llama_cpp = ecfg.export.llama_cpp
+    if options.prompts_file and not Path(options.prompts_file).is_file():
+        raise MacftError(f"--prompts {options.prompts_file} does not exist.",
+                         'Pass a JSONL file of chat rows ({"messages": [...]}) or prompt/completion rows.')
+    recorded = read_base_quantization(run_dir)
+    return ExportJob(adapter_dir=adapter_dir, base=str(base), output=Path(output) if output else default_out,
+                     name=_slug(name) if name else default_name, options=options, run_dir=run_dir,
+                     cfg=cfg, resolved=resolved, recorded_quant=recorded)

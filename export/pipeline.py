@@ -1,0 +1,461 @@
+"""``macft export``, step by step.
+
+1. check everything that can be checked up front (llama.cpp tools, architecture, disk space);
+2. merge the adapter into its base, streaming the shards (:mod:`export.merge`);
+3. fix the merged tokenizer files (:mod:`export.tokenizer_fix`);
+4. convert to a 16-bit GGUF (:mod:`export.convert`);
+5. compute the Hugging Face references and measure the merge against the training-time model
+   (:mod:`export.reference`);
+6. verify the 16-bit GGUF, failing loudly when it disagrees beyond tolerance (a conversion
+   bug, not quantization noise), then quantize and verify every requested type;
+7. optionally the GGUF LoRA, verified on the base GGUF;
+8. Modelfile, README, export-report.json.
+
+Everything is written inside a work directory in the output directory and moved into place
+only when all of it succeeded; a failure leaves the output directory as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from macft import __version__
+from macft.errors import MacftError
+from macft.ui import console, human_bytes, task_progress
+
+from .job import ExportJob
+
+REPORT = "export-report.json"
+
+
+@dataclass
+class Outputs:
+    final: list[Path] = field(default_factory=list)  # paths inside the work dir, moved at the end
+    intermediate: list[Path] = field(default_factory=list)  # kept only with --keep-intermediate
+
+
+def _step(msg: str, t0: float) -> None:
+    console.print(f"[green]✓[/] {msg} [dim]({time.time() - t0:.1f} s)[/]")
+
+
+def _free_bytes(path: Path) -> int:
+    p = path.resolve()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def estimate_bytes(job: ExportJob, shard_bytes: int, numel: int, adapter_bytes: int, n_vocab: int) -> int:
+    from .quantize import BITS_PER_WEIGHT
+    from .verify import MAX_KLD_FILE
+
+    o = job.options
+    need = shard_bytes + numel * 2  # merged copy + 16-bit GGUF
+    need += sum(int(numel * BITS_PER_WEIGHT[q] / 8) for q in o.quants if q != o.outtype)
+    if o.lora_gguf:
+        need += numel * 2 + adapter_bytes
+    need += min(MAX_KLD_FILE, o.eval_tokens * (n_vocab + 6) * 2)
+    return int(need * 1.05) + (100 << 20)
+
+
+def run_export(job: ExportJob) -> dict[str, Any]:
+    """Do the export; returns the report (also written to ``export-report.json``)."""
+    from macft.models import read_model_config, resolve_model_path
+
+    from .convert import check_architecture, check_converter_deps
+    from .llama_cpp import locate
+    from .merge import base_shards, plan_merge
+
+    t_start = time.time()
+    timings: dict[str, float] = {}
+    o = job.options
+    # -- 1. up-front checks (nothing written yet) ------------------------------------
+    base_dir = resolve_model_path(job.base)
+    config = read_model_config(base_dir)
+    plan = plan_merge(base_dir, job.adapter_dir, job.merge_quant)  # checks the base and the adapter
+    tools = locate(o.llama_cpp)
+    check_converter_deps()
+    arch = check_architecture(tools, config, base_dir)
+    numel = sum(t.numel for sf in plan.shards for t in sf.tensors.values())
+    shard_bytes = sum(p.stat().st_size for p in base_shards(base_dir))
+    adapter_bytes = sum(p.stat().st_size for p in job.adapter_dir.iterdir() if p.is_file())
+    n_vocab = int((config.get("text_config") or config).get("vocab_size") or 32000)
+    need = estimate_bytes(job, shard_bytes, numel, adapter_bytes, n_vocab)
+    free = _free_bytes(job.output)
+    if free < need:
+        raise MacftError(
+            f"Not enough disk space for this export in {job.output}: it needs about {human_bytes(need)} "
+            f"(merged model, 16-bit GGUF, {len(o.quants)} quantized file(s)), {human_bytes(free)} is free.",
+            "Free some space, pass --output on a disk with more room, or ask for fewer --quant types.")
+    created = not job.output.exists()
+    job.output.mkdir(parents=True, exist_ok=True)
+    work = job.output / f".macft-export-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        report = _run_steps(job, tools, base_dir, config, arch, plan, work, timings)
+        _publish(job, work, report)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        if created and job.output.exists() and not any(job.output.iterdir()):
+            job.output.rmdir()
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    report["timings"]["total"] = round(time.time() - t_start, 1)
+    tmp = job.output / f".{REPORT}.tmp"
+    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, job.output / REPORT)
+    from .report import print_summary
+
+    print_summary(report, job.output)
+    return report
+
+
+def _run_steps(job: ExportJob, tools, base_dir: Path, config: dict, arch: str, plan, work: Path,
+               timings: dict[str, float]) -> dict[str, Any]:
+    from macft.data.render import FALLBACK_TEMPLATE, Renderer
+    from macft.data.tokenizer import load_tokenizer
+
+    from .convert import convert_lora, convert_model
+    from .gguf_info import read_gguf
+    from .merge import choose_outtype, merge
+    from .prompts import build_eval_set, file_samples, generic_samples, run_samples
+    from .quantize import quantize
+    from .tokenizer_fix import fix_tokenizer
+    from .verify import GGUFCheck, LlamaRunner, check_gguf, conversion_problems
+
+    o = job.options
+    out = Outputs()
+    notes: list[str] = []
+    report: dict[str, Any] = {
+        "macft_version": __version__,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "llama_cpp": tools.info(),
+        "inputs": {"run": str(job.run_dir) if job.run_dir else None, "adapter": str(job.adapter_dir),
+                   "base": job.base, "base_dir": str(base_dir), "architecture": arch,
+                   "quant": o.quants, "outtype": o.outtype, "merge_base": o.merge_base,
+                   "base_quantization": job.recorded_quant.describe() if job.recorded_quant else None},
+        "timings": timings,
+        "notes": notes,
+    }
+    # -- 2. merge --------------------------------------------------------------------
+    t0 = time.time()
+    merged = work / "merged"
+    total = sum(len(sf.tensors) for sf in plan.shards)
+    with task_progress() as prog:
+        task = prog.add_task("merging (streaming the shards)", total=total)
+        res = merge(plan, merged, on_tensor=lambda _n: prog.advance(task))
+    timings["merge"] = round(time.time() - t0, 2)
+    base_used = res.base
+    if job.recorded_quant is not None and job.merge_quant is None:
+        base_used = (f"original weights as stored (training saw {job.recorded_quant.describe()}; "
+                     "--merge-base original)")
+    report["merge"] = {"base_used": base_used, "tensors": res.tensors, "adapted": res.merged,
+                       "dequantized": res.dequantized, "bytes": res.bytes_written, "seconds": round(res.seconds, 2)}
+    _step(f"merged: {res.merged} adapted weights into {res.tensors} tensors ({base_used})", t0)
+    # -- 3. tokenizer files ---------------------------------------------------------------
+    fallback = None
+    if job.resolved.get("chat_template") == "fallback":
+        fallback = job.resolved.get("fallback_template") or FALLBACK_TEMPLATE
+    elif not _has_chat_template(merged):
+        fallback = FALLBACK_TEMPLATE
+    report["tokenizer_fixes"] = fix_tokenizer(merged, fallback, restore=o.restore_special_tokens)
+    # -- 4. convert ---------------------------------------------------------------------
+    t0 = time.time()
+    if o.outtype == "auto":
+        o.outtype, why = choose_outtype(merged)
+        report["outtype"] = {"chosen": o.outtype, "why": why}
+    gguf16 = work / f"{job.name}-{o.outtype}.gguf"
+    with _spinner(f"converting to a {o.outtype} GGUF (convert_hf_to_gguf.py)"):
+        convert_model(tools, merged, gguf16, o.outtype)
+    timings["convert"] = round(time.time() - t0, 2)
+    _step(f"converted: {gguf16.name} ({human_bytes(gguf16.stat().st_size)})", t0)
+    info16 = read_gguf(gguf16)
+    # -- 5. references ------------------------------------------------------------------
+    t0 = time.time()
+    tok = load_tokenizer(str(merged))
+    renderer = Renderer(tok, job.cfg.data.loss_on if job.cfg else "assistant")
+    end_tokens = list(job.resolved.get("end_tokens") or renderer.end_tokens())
+    if o.prompts_file:
+        samples, source = file_samples(o.prompts_file), f"--prompts {o.prompts_file}"
+    else:
+        samples, source, why = run_samples(job.cfg, job.resolved) if job.cfg else ([], "", [])
+        notes.extend(why)
+        if not samples:
+            samples, source = generic_samples(), "built-in generic prompts (no validation data)"
+    max_len = job.cfg.data.max_seq_len if job.cfg else 2048
+    ev = build_eval_set(renderer, samples, source, n_prompts=o.n_prompts, max_seq_len=max_len,
+                        end_tokens=end_tokens)
+    notes.extend(ev.notes)
+    refs: dict = {}
+    if o.verify:
+        refs = _references(job, base_dir, merged, work, ev, info16, tok, notes, report)
+        timings["reference"] = round(time.time() - t0, 2)
+        _step(f"reference: {len(ev.prompts)} prompts, {refs['merged'].kld.scored if refs['merged'].kld else 0} "
+              f"scored tokens from {source}", t0)
+    else:
+        notes.append("verification skipped (--no-verify): the GGUF files were not compared with the "
+                     "Hugging Face model")
+        report["merge"]["check"] = {}
+        report["validation"] = {"source": None}
+    # -- 6. verify 16-bit, quantize, verify ---------------------------------------------------
+    runner = LlamaRunner(tools, o.threads)
+    n_ctx = _gen_ctx(ev, o.max_new_tokens)
+    checks: list[dict] = []
+
+    def check(path: Path, kind: str, ref: str, **kw) -> GGUFCheck:
+        if not o.verify:
+            target = kw.get("lora") or path
+            return GGUFCheck(kw.get("label") or target.name, kind, target.stat().st_size)
+        with _spinner(f"verifying {(kw.get('label') or path.name)} with llama.cpp"):
+            return check_gguf(runner, path, kind, refs[ref], max_new=o.max_new_tokens, n_ctx=n_ctx,
+                              workdir=work, **kw)
+
+    t0 = time.time()
+    c16 = check(gguf16, o.outtype, "merged")
+    problems = conversion_problems(c16)
+    if problems:
+        raise MacftError(
+            f"The {o.outtype} GGUF disagrees with the merged Hugging Face model beyond tolerance. "
+            "This is a conversion bug, not quantization noise:\n" + "\n".join(f"  - {p}" for p in problems),
+            "Re-run with --keep-intermediate and --debug and report it with export-report details; "
+            "try --outtype f16, or --llama-cpp with another llama.cpp version.")
+    checks.append({**c16.to_dict(), "types": info16.type_counts(), "fallbacks": []})
+    (out.final if o.outtype in o.quants else out.intermediate).append(gguf16)
+    if o.verify:
+        _step(f"verified {gguf16.name}: {_figures(c16)}", t0)
+    for q in o.quants:
+        if q == o.outtype:
+            continue
+        t0 = time.time()
+        dst = work / f"{job.name}-{q}.gguf"
+        with _spinner(f"quantizing to {q} (llama-quantize)"):
+            qres = quantize(tools, gguf16, dst, q, o.threads)
+        chk = check(dst, q, "merged")
+        checks.append({**chk.to_dict(), "types": read_gguf(dst).type_counts(), "fallbacks": qres.fallbacks})
+        out.final.append(dst)
+        timings[f"quantize+verify {q}"] = round(time.time() - t0, 2)
+        fb = f", {len(qres.fallbacks)} tensor(s) fell back" if qres.fallbacks else ""
+        _step(f"{dst.name}: {_figures(chk)}{fb}", t0)
+    # -- 7. GGUF LoRA -----------------------------------------------------------------------
+    lora_file = base_gguf = None
+    if o.lora_gguf:
+        t0 = time.time()
+        view = _base_view(base_dir, work / "base", fallback, o.restore_special_tokens)
+        lora_file = work / f"{job.name}-lora-f16.gguf"
+        base_gguf = work / f"{_base_name(job.base)}-{o.outtype}.gguf"
+        with _spinner("converting the adapter to a GGUF LoRA (convert_lora_to_gguf.py)"):
+            convert_lora(tools, job.adapter_dir, view, lora_file)
+        with _spinner(f"converting the base model to {base_gguf.name} for checking the LoRA"):
+            convert_model(tools, view, base_gguf, o.outtype)
+        cl = check(base_gguf, "lora", "lora", lora=lora_file, label=lora_file.name)
+        problems = conversion_problems(cl)
+        if problems:
+            raise MacftError(
+                f"The GGUF LoRA on {base_gguf.name} disagrees with the base + adapter in Hugging Face "
+                "beyond tolerance:\n" + "\n".join(f"  - {p}" for p in problems),
+                "Re-run without --lora-gguf (the merged GGUF files are unaffected) and report it.")
+        checks.append({**cl.to_dict(), "types": read_gguf(lora_file).type_counts(), "fallbacks": [],
+                       "base_gguf": base_gguf.name})
+        out.final.append(lora_file)
+        out.intermediate.append(base_gguf)
+        timings["lora"] = round(time.time() - t0, 2)
+        _step(f"{lora_file.name} on {base_gguf.name}: {_figures(cl)}", t0)
+    report["files"] = checks
+    report["tolerance"] = _tolerance()
+    # -- 8. Modelfile, README ---------------------------------------------------------------
+    main = work / f"{job.name}-{o.quants[0]}.gguf"  # the first type asked for
+    _write_modelfile_and_readme(job, work, main, out, renderer, tok, end_tokens, config, tools,
+                                lora_file, base_gguf, report)
+    if o.keep_intermediate:
+        out.final.append(merged)
+        out.final.extend(p for p in out.intermediate if p not in out.final)
+    report["outputs"] = [p.name for p in out.final]
+    report["_final"] = [str(p) for p in out.final]
+    return report
+
+
+def _references(job: ExportJob, base_dir: Path, merged: Path, work: Path, ev, info16, tok,
+                notes: list[str], report: dict) -> dict:
+    """Reference figures of the merged model (and of base + adapter for the LoRA); merge check."""
+    from .reference import HFModel, compare_logits
+    from .verify import Reference, plan_kld, write_kld_file
+
+    o = job.options
+    bos_text = tok.bos_token
+    prompts_txt = [(p.text[len(bos_text):] if info16.add_bos and p.ids and p.ids[0] == ev.bos_id
+                    and bos_text and p.text.startswith(bos_text) else p.text) for p in ev.prompts]
+    n_vocab = len(info16.tokens)
+    kld = plan_kld(ev.stream, add_bos=info16.add_bos, bos_id=ev.bos_id, n_vocab=n_vocab,
+                   max_scored=o.eval_tokens,
+                   max_ctx=int(info16.metadata.get(f"{info16.architecture}.context_length", 2048)))
+    if kld is None:
+        notes.append(f"the validation data has too few tokens ({len(ev.stream)}) for a perplexity check")
+
+    def reference(model: HFModel, label: str) -> Reference:
+        kfile, ppl = None, None
+        if kld is not None:
+            kfile = work / f"{label}.kld"
+            ppl = write_kld_file(kfile, kld, n_vocab, lambda c, k: model.logits(c, keep_last=k))
+        greedy = [model.greedy(p.ids, o.max_new_tokens, ev.end_ids) for p in ev.prompts]
+        stopped = [bool(g) and g[-1] in ev.end_ids for g in greedy]
+        return Reference(label, kfile, kld, ppl, prompts_txt, [p.ids for p in ev.prompts], greedy, stopped,
+                         ev.end_ids, lambda ids: tok.decode(ids, skip_special_tokens=False))
+
+    refs: dict[str, Reference] = {}
+    threads = o.threads
+    m = HFModel(merged, threads=threads)
+    merged_logits = [m.logits(p.ids) for p in ev.prompts]
+    # The 16-bit GGUF stores the weights rounded to the outtype; so does the reference (it
+    # changes nothing for weights stored in bf16, which is how most checkpoints come).
+    m.round_weights(o.outtype)
+    refs["merged"] = reference(m, "merged")
+    m.close()
+    # the training-time model: the base as training saw it + the adapter, unmerged (peft)
+    t = HFModel(base_dir, job.adapter_dir, job.recorded_quant, threads=threads)
+    n_adapter = len(_adapter_modules(job.adapter_dir))
+    check: dict[str, Any] = {"against": "training-time model (base as training saw it + adapter via peft)"}
+    if t.applied != n_adapter:
+        notes.append(f"peft applied {t.applied} of the adapter's {n_adapter} modules to the training-time "
+                     "model; the merge check is skipped")
+    else:
+        check.update(compare_logits(merged_logits, [t.logits(p.ids) for p in ev.prompts]))
+        reproduces = job.recorded_quant is None or o.merge_base == "trained"
+        check["expected"] = ("equal up to rounding" if reproduces else
+                             "different by the base's quantization error (--merge-base original)")
+        if reproduces and check.get("top1_agreement", 1.0) < 0.95:
+            raise MacftError(
+                "The merged model does not reproduce the training-time model: its top token agrees on "
+                f"{check['top1_agreement']:.1%} of the validation prompt positions (max logit difference "
+                f"{check['max_abs_logit_diff']:.3g}). This is a merge bug.",
+                "Report it with --debug output; as a workaround use --lora-gguf with the base GGUF.")
+    report["merge"]["check"] = check
+    if o.lora_gguf:
+        # the GGUF LoRA runs (f16) on the base GGUF (outtype): round the base the same way
+        t.close()
+        t = HFModel(base_dir, None, None, threads=threads)
+        t.round_weights(o.outtype)
+        t.add_adapter(job.adapter_dir, "f16")
+        refs["lora"] = reference(t, "lora")
+    t.close()
+    report["validation"] = {
+        "source": ev.source, "prompts": len(ev.prompts), "stream_tokens": len(ev.stream),
+        "scored_tokens": kld.scored if kld else 0, "n_ctx": kld.n_ctx if kld else None,
+        "max_new_tokens": o.max_new_tokens, "end_tokens": ev.end_tokens,
+        "reference_perplexity": refs["merged"].ppl, "reference_stop_rate": refs["merged"].stop_rate,
+        "reference": f"the merged model, weights rounded to {o.outtype} as stored in the GGUF, "
+                     "computed in fp32 by transformers",
+    }
+    return refs
+
+
+def _figures(c) -> str:
+    if c.agreement is None:
+        return "not verified"
+    top = "-" if c.same_top is None else f"{c.same_top:.1%}"
+    return f"agreement {c.agreement:.0%}, same top {top}"
+
+
+def _adapter_modules(adapter_dir: Path) -> list[str]:
+    from .safetensors_io import SafetensorsFile
+
+    sf = SafetensorsFile(adapter_dir / "adapter_model.safetensors")
+    return sorted({k.split(".lora_A")[0] for k in sf.tensors if ".lora_A" in k})
+
+
+def _has_chat_template(model_dir: Path) -> bool:
+    if (model_dir / "chat_template.jinja").is_file() or (model_dir / "chat_template.json").is_file():
+        return True
+    tc = model_dir / "tokenizer_config.json"
+    return tc.is_file() and bool(json.loads(tc.read_text(encoding="utf-8")).get("chat_template"))
+
+
+def _base_view(base_dir: Path, view: Path, fallback: str | None, restore: bool) -> Path:
+    """The base model seen by the converters: its weights linked, its tokenizer files fixed."""
+    from .merge import copy_side_files
+    from .tokenizer_fix import fix_tokenizer
+
+    view.mkdir(parents=True)
+    copy_side_files(base_dir, view)
+    for p in base_dir.glob("*.safetensors"):
+        os.symlink(p.resolve(), view / p.name)
+    fix_tokenizer(view, fallback, restore=restore)
+    return view
+
+
+def _base_name(base: str) -> str:
+    from .job import _slug
+
+    return _slug(Path(base.rstrip("/")).name) + "-base"
+
+
+def _gen_ctx(ev, max_new: int) -> int:
+    longest = max((len(p.ids) for p in ev.prompts), default=0) + max_new + 16
+    return max(256, -(-longest // 256) * 256)
+
+
+def _tolerance() -> dict:
+    from .verify import TOL_KLD, TOL_LN_PPL, TOL_SAME_TOP
+
+    return {"16-bit GGUF and GGUF LoRA": {"kl_divergence_at_most": TOL_KLD, "same_top_at_least": TOL_SAME_TOP,
+                                          "abs_ln_ppl_ratio_at_most": TOL_LN_PPL, "tokenization": "identical ids"},
+            "quantized": "reported, not enforced"}
+
+
+def _write_modelfile_and_readme(job, work, main, out, renderer, tok, end_tokens, config, tools,
+                                lora_file, base_gguf, report) -> None:
+    from macft.models import model_family
+
+    from .modelfile import check_parts, derive_parts, go_template, modelfile_text, readme_text
+
+    template, exact, system = None, False, None
+    try:
+        parts = derive_parts(renderer, tok.bos_token)
+        template, exact = go_template(parts), check_parts(renderer, parts, tok.bos_token)
+        system = parts.default_system
+    except (ValueError, KeyError) as e:
+        report["notes"].append(f"no Ollama TEMPLATE could be derived from the chat template ({e})")
+    num_ctx = min(8192, max(2048, job.cfg.data.max_seq_len if job.cfg else 2048))
+    mf = work / "Modelfile"
+    lora_note = (f"# The adapter alone: FROM <the base model>, then\n# ADAPTER ./{lora_file.name}"
+                 if lora_file else None)
+    mf.write_text(modelfile_text(main.name, template, end_tokens, model_family(config), num_ctx, lora_note,
+                                 system), encoding="utf-8")
+    files = [(p.name, k["kind"], p.stat().st_size) for p in out.final
+             for k in report["files"] if k["file"] == p.name]
+    readme = work / "README.md"
+    readme.write_text(readme_text(name=job.name, files=files, main=main.name,
+                                  lora=lora_file.name if lora_file else None,
+                                  base_gguf=base_gguf.name if (base_gguf and job.options.keep_intermediate) else None,
+                                  template_exact=exact, end_tokens=end_tokens, bin_dir=tools.bin_dir,
+                                  report=REPORT, verified=job.options.verify), encoding="utf-8")
+    report["modelfile"] = {"template_matches_chat_template": exact, "stop": end_tokens}
+    out.final += [mf, readme]
+
+
+def _publish(job: ExportJob, work: Path, report: dict) -> None:
+    """Move the finished outputs from the work directory into the output directory."""
+    for p in map(Path, report.pop("_final")):
+        dst = job.output / p.name
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        os.replace(p, dst)
+
+
+class _spinner:
+    def __init__(self, msg: str):
+        from macft.ui import status
+
+        self.cm = status(msg)
+
+    def __enter__(self):
+        return self.cm.__enter__()
+
+    def __exit__(self, *exc):
+        return self.cm.__exit__(*exc)

@@ -1,0 +1,70 @@
+"""The summary table printed at the end of ``macft export``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from macft.ui import console, human_bytes
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def _ppl(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.4g}" if x < 1e5 else f"{x:.3e}"
+
+
+def print_summary(report: dict[str, Any], output: Path) -> None:
+    from rich.table import Table
+
+    v = report.get("validation", {})
+    verified = any(f.get("agreement") is not None for f in report.get("files", []))
+    t = Table(title="GGUF files verified with llama.cpp" if verified else "GGUF files (NOT verified)",
+              title_justify="left")
+    t.add_column("file", no_wrap=True)
+    t.add_column("type", no_wrap=True)
+    for col in ("size", "agree", "same top", "perplexity", "stop"):
+        t.add_column(col, justify="right", no_wrap=True)
+    outtype = report.get("inputs", {}).get("outtype", "16-bit")
+    t.add_row(f"merged HF model ({outtype} weights)", "reference", "", "", "", _ppl(v.get("reference_perplexity")),
+              _pct(v.get("reference_stop_rate")))
+    remarks = []
+    for f in report.get("files", []):
+        published = f["file"] in report.get("outputs", [])
+        t.add_row(f["file"] + ("" if published else " *"), f["kind"], human_bytes(f["size"]),
+                  _pct(f.get("agreement")), "-" if f.get("same_top") is None else f"{f['same_top']:.1%}",
+                  _ppl(f.get("perplexity")), _pct(f.get("stop_rate")))
+        if f.get("fallbacks"):
+            names = ", ".join(sorted({x["tensor"] for x in f["fallbacks"]})[:6])
+            remarks.append(f"{f['file']}: {len(f['fallbacks'])} tensor(s) quantized to a fallback type "
+                           f"(row width not a multiple of the block): {names}"
+                           + (" ..." if len(f["fallbacks"]) > 6 else ""))
+        if f.get("base_gguf"):
+            remarks.append(f"{f['file']}: checked with --lora on {f['base_gguf']}")
+    if console.is_terminal:
+        console.print(t)
+    else:  # logs and pipes: do not squeeze the table into 80 columns
+        from rich.console import Console
+
+        Console(stderr=True, width=max(console.width, 132), highlight=False).print(t)
+    if any(f["file"] not in report.get("outputs", []) for f in report.get("files", [])):
+        console.print("* intermediate file, removed at the end (keep it with --keep-intermediate)")
+    for r in remarks:
+        console.print(r)
+    m = report.get("merge", {})
+    chk = m.get("check", {})
+    if "max_abs_logit_diff" in chk:
+        console.print(f"Merge ({m.get('base_used')}): max logit difference {chk['max_abs_logit_diff']:.3g} "
+                      f"against the training-time model over {chk['positions']} prompt positions "
+                      f"(top token agrees on {chk['top1_agreement']:.1%}; expected {chk['expected']}).")
+    if verified:
+        console.print(f"Agreement: share of the reference's greedy tokens reproduced before the first "
+                      f"difference ({v.get('prompts', 0)} prompts, ≤{v.get('max_new_tokens')} tokens). Same top: "
+                      f"next-token agreement on {v.get('scored_tokens', 0)} validation tokens.")
+    for n in report.get("notes", []):
+        console.print(f"[yellow]note:[/] {n}")
+    console.print(f"Outputs in [bold]{output}[/]: {', '.join(report.get('outputs', []))}, export-report.json")

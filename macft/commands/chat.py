@@ -1,0 +1,139 @@
+"""`macft chat` (interactive, streaming) and `macft generate` (scripts: only the answer)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError, Location, MacftError
+from ..inference import Sampling, fit_history, load_chat_model
+from ..ui import console, status
+
+HELP = ("Commands: /reset (forget the conversation), /system TEXT (set the system prompt; "
+        "/system alone clears it), /base and /tuned (adapter off / on), /exit (or Ctrl-D).")
+MAX_PROMPT_TOKENS = 3072
+
+
+def sampling(args: argparse.Namespace) -> Sampling:
+    return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    seed=args.seed)
+
+
+def load(args: argparse.Namespace) -> Any:
+    with status("Loading the model ..."):
+        return load_chat_model(run=args.run, best=args.best, model=args.model, adapter=args.adapter,
+                               gguf=args.gguf, lora_gguf=getattr(args, "lora_gguf", None),
+                               backend=args.backend, llama_cpp=args.llama_cpp)
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    model = load(args)
+    s = sampling(args)
+    system = args.system
+    history: list[dict[str, str]] = []
+    tuned = True
+    console.print(f"Chatting with [bold]{model.description}[/]. {HELP}")
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            console.print()
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = []
+            console.print("[dim](conversation cleared)[/]")
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system"):].strip() or None
+            history = []
+            console.print(f"[dim](system prompt {'set' if system else 'cleared'}; conversation cleared)[/]")
+            continue
+        if text in ("/base", "/tuned"):
+            tuned = text == "/tuned"
+            console.print(f"[dim](adapter {'on' if tuned else 'off: base model'})[/]")
+            continue
+        if text.startswith("/"):
+            console.print(f"[yellow]Unknown command {text.split()[0]}.[/] {HELP}")
+            continue
+        history.append({"role": "user", "content": text})
+        msgs = ([{"role": "system", "content": system}] if system else []) + history
+        msgs, dropped = fit_history(model, msgs, MAX_PROMPT_TOKENS)
+        if dropped:
+            console.print(f"[dim](the conversation is longer than the context: the oldest {dropped} "
+                          "exchange(s) were left out)[/]")
+        with model.adapters(tuned):
+            sys.stdout.write("model> ")
+            sys.stdout.flush()
+            for piece in model.stream(model.prompt(msgs), s):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        gen = model.last
+        if not gen.stopped:
+            console.print(f"[dim](stopped at the {s.max_new_tokens}-token limit)[/]")
+        history.append({"role": "assistant", "content": gen.text})
+    model.close()
+    return 0
+
+
+def read_prompts(path: str) -> list[list[dict[str, str]]]:
+    """A JSONL of prompts: {"prompt": ...}, {"messages": [...]} (up to the reply) or a bare string."""
+    p = Path(path)
+    if not p.is_file():
+        raise MacftError(f"Prompts file {p} does not exist.")
+    out = []
+    for i, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = Location(str(p), i)
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(where, f"invalid JSON ({e.msg})") from None
+        if isinstance(obj, str):
+            out.append([{"role": "user", "content": obj}])
+        elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+            out.append([{"role": "user", "content": obj["prompt"]}])
+        elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+            msgs = obj["messages"]
+            while msgs and msgs[-1].get("role") == "assistant":
+                msgs = msgs[:-1]
+            if not msgs:
+                raise DataError(where, "the conversation has no user turn", field="messages")
+            out.append(msgs)
+        else:
+            raise DataError(where, "expected a string, {\"prompt\": ...} or {\"messages\": [...]}")
+    if not out:
+        raise DataError(Location(str(p)), "the file holds no prompts")
+    return out
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    if not args.prompt and not args.prompts:
+        raise MacftError("Nothing to answer.", "Give --prompt TEXT or --prompts FILE.jsonl.")
+    prompts = ([[{"role": "user", "content": args.prompt}]] if args.prompt else read_prompts(args.prompts))
+    if args.system:
+        prompts = [m if m[0]["role"] == "system" else [{"role": "system", "content": args.system}] + m
+                   for m in prompts]
+    model = load(args)
+    s = sampling(args)
+    with model.adapters(not args.base):
+        for msgs in prompts:
+            for _ in model.stream(model.prompt(msgs), s):
+                pass
+            gen = model.last
+            if args.prompts:
+                print(json.dumps({"answer": gen.text, "stopped": gen.stopped}, ensure_ascii=False), flush=True)
+            else:
+                print(gen.text, flush=True)
+    model.close()
+    return 0
