@@ -132,9 +132,9 @@ def main() -> None:
             model = build_model(size, root)
             res = results.setdefault(size, {"mlx_lm": [], "macft": [], "macft_packing": []})
             for rep in range(args.reps):
-                for name, fn in (("mlx_lm", lambda w: run_mlx_lm(model, args.iters, args.lr, w)),
-                                 ("macft", lambda w: run_macft(model, args.iters, args.lr, w, False)),
-                                 ("macft_packing", lambda w: run_macft(model, args.iters, args.lr, w, True))):
+                for name, fn in (("mlx_lm", lambda w, m=model: run_mlx_lm(m, args.iters, args.lr, w)),
+                                 ("macft", lambda w, m=model: run_macft(m, args.iters, args.lr, w, False)),
+                                 ("macft_packing", lambda w, m=model: run_macft(m, args.iters, args.lr, w, True))):
                     work = root / f"{size}-{name}-{rep}"
                     work.mkdir()
                     r = fn(work)

@@ -9,6 +9,10 @@ Which weights training quantized (the trainers follow their libraries' rules):
 
 - ``bnb-nf4`` (PyTorch backend, transformers + bitsandbytes): every 2-D weight of a linear
   layer; embeddings and ``lm_head`` stay in 16 bits (transformers' default skip list).
+- ``bnb-int8`` (PyTorch backend, ``--quantize 8bit``): the same modules, LLM.int8 row-wise
+  absmax of the fp16 weight (bitsandbytes' ``int8_vectorwise_quant``; the merged weights equal
+  the int8 weights training used exactly; LLM.int8's quantization of the *activations* at
+  training time has no counterpart in a merged 16-bit model).
 - ``mlx-affine`` (MLX backend, mlx-lm): every 2-D weight of a linear layer *and* of an
   embedding whose last dimension is a multiple of ``group_size``.
 
@@ -33,7 +37,7 @@ from macft.errors import MacftError
 from .names import canonical
 
 FILE = "base_quantization.json"
-METHODS = ("bnb-nf4", "mlx-affine")
+METHODS = ("bnb-nf4", "bnb-int8", "mlx-affine")
 
 
 @dataclass
@@ -50,6 +54,8 @@ class BaseQuantization:
         if self.method == "bnb-nf4":
             dq = ", double quant" if self.double_quant else ""
             return f"bitsandbytes NF4 (blocksize {self.group_size}{dq})"
+        if self.method == "bnb-int8":
+            return "bitsandbytes LLM.int8 (row-wise absmax of the fp16 weights)"
         return f"MLX affine {self.bits}-bit (group size {self.group_size}, {self.dtype})"
 
     @property
@@ -68,7 +74,7 @@ class BaseQuantization:
             return c in self.quantized
         leaf = c.rsplit(".", 1)[-1]
         is_embedding = "embed" in leaf or leaf in ("wte", "wpe")
-        if self.method == "bnb-nf4":
+        if self.method in ("bnb-nf4", "bnb-int8"):
             return not is_embedding and leaf != "lm_head"
         return shape[-1] % self.group_size == 0
 
@@ -76,6 +82,8 @@ class BaseQuantization:
         """``w`` (fp32) quantized and dequantized as in training, in fp32."""
         if self.method == "bnb-nf4":
             return _bnb_nf4(w, self.group_size, self.double_quant)
+        if self.method == "bnb-int8":
+            return _bnb_int8(w)
         return _mlx_affine(w, self.bits, self.group_size, self.dtype)
 
 
@@ -96,6 +104,8 @@ def read_base_quantization(run_dir: Path | None) -> BaseQuantization | None:
     bits = int(d.get("bits", 4))
     if method == "bnb-nf4" and bits != 4:
         problems.append(f"bnb-nf4 has 4 bits, not {bits}")
+    if method == "bnb-int8":
+        bits = 8
     if method == "mlx-affine" and bits not in (2, 3, 4, 5, 6, 8):
         problems.append(f"bits is {bits}; MLX affine quantization has 2, 3, 4, 5, 6 or 8")
     group = int(d.get("blocksize", d.get("group_size", 64)))
@@ -130,6 +140,18 @@ def _bnb_nf4(w: np.ndarray, blocksize: int, double_quant: bool) -> np.ndarray:
     q, state = bnbf.quantize_4bit(t, blocksize=blocksize, compress_statistics=double_quant,
                                   quant_type="nf4")
     return bnbf.dequantize_4bit(q, state).to(torch.float32).numpy()
+
+
+def _bnb_int8(w: np.ndarray) -> np.ndarray:
+    try:
+        import torch
+        from bitsandbytes import functional as bnbf
+    except ImportError as e:
+        raise MacftError(f"Merging into the int8 base as training saw it needs bitsandbytes and torch ({e}).",
+                         "pip install bitsandbytes torch, or pass --merge-base original.") from None
+    t = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(torch.float16)
+    cb, scb, _ = bnbf.int8_vectorwise_quant(t)
+    return bnbf.int8_vectorwise_dequant(cb, scb).to(torch.float32).numpy()
 
 
 def _mlx_affine(w: np.ndarray, bits: int, group_size: int, dtype: str) -> np.ndarray:

@@ -218,6 +218,38 @@ def test_nf4_trained_base_reproduces_the_bitsandbytes_model(tiny_gemma, tmp_path
     assert diffs["original"] > 100 * diffs["trained"], diffs
 
 
+def test_int8_trained_base_holds_the_weights_bitsandbytes_trained(tiny_gemma, tmp_path):
+    """--quantize 8bit on the PyTorch backend: the merged weight of every quantized module is the
+    int8 weight bitsandbytes held (CB * SCB / 127) plus the LoRA delta."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    adapter = random_adapter(tiny_gemma, tmp_path / "adapter", rank=8, b_scale=0.05)
+    qcfg = BitsAndBytesConfig(load_in_8bit=True)
+    held = AutoModelForCausalLM.from_pretrained(str(tiny_gemma), quantization_config=qcfg, dtype=torch.float32)
+    quant = BaseQuantization("bnb-int8", bits=8, group_size=64, unquantized={"lm_head"})
+    merge(plan_merge(tiny_gemma, adapter, quant), tmp_path / "trained")
+    merge(plan_merge(tiny_gemma, adapter, None), tmp_path / "original")
+    trained, original, base = (_load(tmp_path / "trained"), _load(tmp_path / "original"),
+                               _load(tiny_gemma))
+    checked, worst, moved = 0, 0.0, 0.0
+    for name, mod in held.named_modules():
+        if type(mod).__name__ != "Linear8bitLt":
+            continue
+        w = mod.weight
+        int8 = (w.data.to(torch.float32) * w.SCB.to(torch.float32)[:, None] / 127).numpy()
+        key = name + ".weight"
+        expect = int8 + (original[key] - base[key])  # the int8 weight plus the LoRA delta
+        worst = max(worst, float(np.abs(trained[key] - expect).max()))
+        moved = max(moved, float(np.abs(trained[key] - original[key]).max()))
+        checked += 1
+    print(f"{checked} int8 modules; max difference to bitsandbytes' weights + delta {worst:.2e}; "
+          f"to the original merge {moved:.2e}")
+    assert checked >= 7
+    assert worst < 1e-3, worst
+    assert moved > 10 * worst
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
 def test_peak_memory_stays_near_a_block_not_the_model(tmp_path):

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import DATA, MLX_TRAIN_ARGS, NYA
 
 pytest.importorskip("mlx_lm")

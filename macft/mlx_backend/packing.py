@@ -15,8 +15,8 @@ forward pass.
 from __future__ import annotations
 
 import importlib
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import mlx.core as mx
