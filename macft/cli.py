@@ -104,6 +104,17 @@ def _model_source_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=0, metavar="N", help="Sampling seed (default 0).")
 
 
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    _model_source_args(p)
+    w = p.add_argument_group("web page")
+    w.add_argument("--web", action="store_true", help="Serve a chat page in the browser instead "
+                   "(streaming, system prompt, sampling, compare with the base; needs "
+                   "`pip install 'macft[web]'`).")
+    w.add_argument("--host", metavar="ADDR", help="Interface the page listens on (default 127.0.0.1, "
+                   "this machine only; anything else opens it to the network, with a warning).")
+    w.add_argument("--port", type=int, metavar="N", help="Port for the page (default 7860).")
+
+
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", metavar="TEXT", help="One user message; the answer alone goes to stdout.")
     p.add_argument("--prompts", metavar="FILE.jsonl", help="One prompt per line (a string, {\"prompt\": ...} or "
@@ -130,8 +141,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handle
               "macft.commands.train:run"),
     "models": ("List the presets and the model architectures each backend supports.", _models_args,
                "macft.commands.models:run"),
-    "chat": ("Talk to a fine-tune in the terminal (streaming; /reset, /system, /base, /tuned).",
-             _model_source_args, "macft.commands.chat:run_chat"),
+    "chat": ("Talk to a fine-tune in the terminal (streaming; /reset, /system, /base, /tuned), "
+             "or in the browser with --web.", _chat_args, "macft.commands.chat:run_chat"),
     "generate": ("Answer prompts non-interactively, printing only the answers (for scripts).",
                  _generate_args, "macft.commands.chat:run_generate"),
     "eval": ("Judge a run: loss, perplexity, base vs fine-tuned answers, stop rate, retention, GGUF.",

@@ -17,6 +17,11 @@ HELP = ("Commands: /reset (forget the conversation), /system TEXT (set the syste
 MAX_PROMPT_TOKENS = 3072
 
 
+def conversation(system: str | None, history: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The messages for the model: the system prompt (if any), then the turns so far."""
+    return ([{"role": "system", "content": system}] if system else []) + history
+
+
 def sampling(args: argparse.Namespace) -> Sampling:
     return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     seed=args.seed)
@@ -30,6 +35,12 @@ def load(args: argparse.Namespace) -> Any:
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    if getattr(args, "web", False):
+        from ..web.command import run_web
+
+        return run_web(args)
+    if getattr(args, "port", None) is not None or getattr(args, "host", None) is not None:
+        raise MacftError("--port and --host are for the web page.", "Add --web to serve the chat page.")
     model = load(args)
     s = sampling(args)
     system = args.system
@@ -64,8 +75,7 @@ def run_chat(args: argparse.Namespace) -> int:
             console.print(f"[yellow]Unknown command {text.split()[0]}.[/] {HELP}")
             continue
         history.append({"role": "user", "content": text})
-        msgs = ([{"role": "system", "content": system}] if system else []) + history
-        msgs, dropped = fit_history(model, msgs, MAX_PROMPT_TOKENS)
+        msgs, dropped = fit_history(model, conversation(system, history), MAX_PROMPT_TOKENS)
         if dropped:
             console.print(f"[dim](the conversation is longer than the context: the oldest {dropped} "
                           "exchange(s) were left out)[/]")
