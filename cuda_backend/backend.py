@@ -35,6 +35,21 @@ class TorchBackend:
         return hardware.problems(cfg.model.quantize, cfg.train.precision, model_config, self.facts,
                                  model_name=cfg.model.name)
 
+    def memory_target(self, cfg: RunConfig, model_config: dict[str, Any]) -> Any:
+        from macft.estimate.memory import Target
+
+        facts = self.facts
+        precision = hardware.choose_precision(cfg.train.precision, facts, model_config)
+        nbytes = 2 if precision.name == "bf16" else 4
+        if facts.cuda_available:
+            import torch
+
+            total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            return Target("cuda", "gpu", nbytes, int(total), f"memory of {facts.gpu_name}")
+        import psutil
+
+        return Target("cuda", "cpu", nbytes, int(psutil.virtual_memory().available), "available RAM")
+
     def device(self) -> str:
         from .distributed import launched_world_size
 

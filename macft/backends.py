@@ -51,6 +51,9 @@ class Backend(Protocol):
     def train(self, job: TrainJob, callback: TrainingCallback) -> LoopResult:
         """Load the model, add LoRA, run the shared loop, write the adapters."""
 
+    def memory_target(self, cfg: RunConfig, model_config: dict[str, Any]) -> Any:
+        """A :class:`macft.estimate.memory.Target`: device, compute dtype and memory budget."""
+
 
 REGISTRY: dict[str, tuple[str, str, str]] = {
     # name: (module, class, install hint)

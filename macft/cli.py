@@ -63,6 +63,28 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", metavar="NAME", help="Start from a preset (gemma3-1b, gemma3-4b; see "
                    "`macft models`): defaults < preset < YAML < flags.")
     p.add_argument("--resume", metavar="RUN", help="Continue an interrupted run from its last checkpoint.")
+    p.add_argument("--force", action="store_true",
+                   help="Train even when the memory estimate says the run will not fit.")
+    add_config_flags(p, ("model", "lora", "data", "train"))
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", metavar="DIR", default="macft-demo", help="Where everything goes (default ./macft-demo).")
+    p.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
+    p.add_argument("--backend", choices=["auto", "mlx", "cuda"], default="auto",
+                   help="Training backend (default auto: MLX on Apple silicon, else PyTorch).")
+    p.add_argument("--iters", type=int, default=150, metavar="N", help="LoRA training steps (default 150).")
+    p.add_argument("--base-steps", type=int, default=150, metavar="N",
+                   help="Steps of the full fine-tune that gives the random base its general knowledge.")
+
+
+def _estimate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config; command-line flags override it.")
+    p.add_argument("--preset", metavar="NAME", help="Start from a preset (see `macft models`).")
+    p.add_argument("--calibrate-steps", type=int, default=4, metavar="N",
+                   help="Training steps to time for the time per epoch (needs --data and the weights; "
+                        "0: memory only, nothing loaded). Default 4.")
+    p.add_argument("--json", action="store_true", help="Print the estimate as JSON on stdout.")
     add_config_flags(p, ("model", "lora", "data", "train"))
 
 
@@ -139,6 +161,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {
     "train": ("Fine-tune a model with LoRA / QLoRA (MLX or PyTorch backend).", _train_args,
               "macft.commands.train:run"),
+    "demo": ("Run the whole product offline in minutes: tiny Gemma-3, LoRA on the bundled data, "
+             "q4_k_m GGUF, before/after answers through llama.cpp.", _demo_args, "macft.commands.demo:run"),
+    "estimate": ("Predict peak memory (and, with --data, time per epoch) before training; "
+                 "suggest settings that fit.", _estimate_args, "macft.commands.estimate:run"),
     "models": ("List the presets and the model architectures each backend supports.", _models_args,
                "macft.commands.models:run"),
     "chat": ("Talk to a fine-tune in the terminal (streaming; /reset, /system, /base, /tuned), "

@@ -81,8 +81,12 @@ def _train_sentencepiece(texts: list[str], vocab: int, workdir: Path) -> Path:
     return prefix.with_suffix(".model")
 
 
-def build_tiny_gemma3(out: Path, texts: list[str], size: TinySize | None = None) -> Path:
-    """Write a tiny Gemma-3 model (HF format, fp32 safetensors) with its tokenizer to ``out``."""
+def build_tiny_gemma3(out: Path, texts: list[str], size: TinySize | None = None,
+                      model_vocab: int | None = None, dtype: str = "float32") -> Path:
+    """Write a tiny Gemma-3 model (HF format, fp32 safetensors) with its tokenizer to ``out``.
+
+    ``model_vocab``: an embedding larger than the tokenizer (the real models' 262k rows, for
+    memory measurements); ``dtype``: the dtype the weights are saved in."""
     import torch
     from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -106,13 +110,18 @@ def build_tiny_gemma3(out: Path, texts: list[str], size: TinySize | None = None)
     eot = tok.convert_tokens_to_ids("<end_of_turn>")
     torch.manual_seed(size.seed)
     cfg = Gemma3TextConfig(
-        vocab_size=vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
+        vocab_size=max(vocab, model_vocab or 0), hidden_size=size.hidden, intermediate_size=size.intermediate,
         num_hidden_layers=size.layers, num_attention_heads=size.heads,
         num_key_value_heads=size.kv_heads, head_dim=size.head_dim,
         query_pre_attn_scalar=size.head_dim, max_position_embeddings=2048, sliding_window=512,
         initializer_range=size.initializer_range, tie_word_embeddings=True,
         pad_token_id=0, eos_token_id=[1, eot], bos_token_id=2)
-    model = Gemma3ForCausalLM(cfg).to(torch.float32).eval()
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))  # a 4B-shaped model is 16 GB in fp32
+    try:
+        model = Gemma3ForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(prev)
     model.generation_config.eos_token_id = [1, eot]
     model.generation_config.pad_token_id = 0
     model.generation_config.bos_token_id = 2

@@ -218,14 +218,15 @@ def test_quantize_an_already_quantized_model(tiny_gemma, nya_dir, tmp_path, run_
 @pytest.mark.slow
 def test_batch_that_cannot_fit(tiny_gemma, nya_dir, tmp_path, run_cli, monkeypatch):
     out = tmp_path / "run"
-    # weights (~15 MB) fit in 25 MB, one step of a 16 x 80 batch does not
+    # weights (~15 MB) fit in 25 MB, one step of a 16 x 80 batch does not. --force: past the
+    # estimate (tests/test_estimate.py), to the backend's own guards: the probe step, the weights
     monkeypatch.setenv("MACFT_MLX_MEMORY_LIMIT_GB", "0.025")
     rc, _, err = run_cli("train", "--model", tiny_gemma, "--data", nya_dir, "--output", out, "--iters", "2",
-                         "--backend", "mlx", "--batch-size", "16")
+                         "--backend", "mlx", "--batch-size", "16", "--force")
     _assert_clean_failure(rc, err, out, "largest batch", "--batch-size", "--quantize 4bit")
     monkeypatch.setenv("MACFT_MLX_MEMORY_LIMIT_GB", "0.001")
     rc, _, err = run_cli("train", "--model", tiny_gemma, "--data", nya_dir, "--output", out, "--iters", "2",
-                         "--backend", "mlx")
+                         "--backend", "mlx", "--force")
     _assert_clean_failure(rc, err, out, "for its weights alone")
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +78,26 @@ def launcher_rank() -> int:
     return int(os.environ.get("RANK", "0") or 0)
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg, ckpt = resolve(args)
-    validate(cfg)
-    main_process = launcher_rank() == 0
+@dataclass
+class Prepared:
+    """A run resolved up to its batches: what `train` and `estimate` share."""
+
+    cfg: RunConfig
+    backend_name: str
+    backend: Any
+    model_path: Path
+    model_config: dict[str, Any]
+    tokenizer: Any
+    renderer: Renderer
+    data: Any
+    plan: BatchPlan
+    valid: list
+    steps: int
+    settings: LoopSettings
+
+
+def prepare(cfg: RunConfig, args: argparse.Namespace, main_process: bool = True,
+            tokenizer_only: bool = False) -> Prepared:
     # -- backend ---------------------------------------------------------------
     name, auto_warning = (choose_auto() if cfg.train.backend == "auto" else (cfg.train.backend, None))
     backend = get_backend(name)
@@ -89,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     problems = backend.check(cfg, None)  # packages and hardware, before any download
     if problems:
         raise BackendUnavailable(name, problems)
-    model_path = resolve_model_path(cfg.model.name, revision=cfg.model.revision)  # type: ignore[arg-type]
+    model_path = resolve_model_path(cfg.model.name, revision=cfg.model.revision,  # type: ignore[arg-type]
+                                    tokenizer_only=tokenizer_only)
     model_config = read_model_config(model_path)
     problems = backend.check(cfg, model_config)
     if problems:
@@ -124,6 +142,38 @@ def run(args: argparse.Namespace) -> int:
         save_every=cfg.train.save_every, log_every=cfg.train.log_every)
     if main_process:
         _print_data_summary(data, plan, renderer)
+    return Prepared(cfg, name, backend, model_path, model_config, tok, renderer, data, plan, valid, steps,
+                    settings)
+
+
+def check_memory(p: Prepared, force: bool) -> None:
+    """The estimate before any weight is loaded: refuse a run that cannot fit (unless --force)."""
+    from ..estimate import check_fits, setting_for, shape_from_config
+
+    shape = shape_from_config(p.model_config, p.model_path)
+    target = p.backend.memory_target(p.cfg, p.model_config)
+    try:
+        est = check_fits(shape, target, setting_for(p.cfg, p.plan))
+    except MacftError as e:
+        if not force:
+            raise
+        warn(f"{e.message} Going ahead (--force).")
+        return
+    from ..ui import human_bytes
+
+    console.print(f"Memory: about {human_bytes(est.total)} expected at the peak, of "
+                  f"{human_bytes(target.budget)} ({target.budget_label}).")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg, ckpt = resolve(args)
+    validate(cfg)
+    main_process = launcher_rank() == 0
+    p = prepare(cfg, args, main_process)
+    if main_process:
+        check_memory(p, getattr(args, "force", False))
+    name, backend, model_path, model_config = p.backend_name, p.backend, p.model_path, p.model_config
+    renderer, data, plan, valid, steps, settings = p.renderer, p.data, p.plan, p.valid, p.steps, p.settings
 
     # -- run directory -------------------------------------------------------------
     created = False
@@ -148,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     if main_process:
         write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg, resolved))
 
-    job = TrainJob(cfg, model_path, model_config, tok, data, plan, valid, settings, run_dir, ckpt)
+    job = TrainJob(cfg, model_path, model_config, p.tokenizer, data, plan, valid, settings, run_dir, ckpt)
     callbacks: list[TrainingCallback] = (
         [RichProgress(), MetricsWriter(run_dir), LossPlot(run_dir)] if main_process else [])
     try:
@@ -157,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
         if created:
             remove_failed_run(run_dir)
         raise
-    if main_process:
+    if main_process and not getattr(args, "calibration", False):
         _finish(run_dir, cfg, result, job, resolved)
     return 130 if result.interrupted else 0
 

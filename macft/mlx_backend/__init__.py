@@ -7,6 +7,8 @@ imports mlx lazily so that a missing install gives one clear message.
 
 from __future__ import annotations
 
+import os
+
 import json
 import sys
 from pathlib import Path
@@ -59,6 +61,17 @@ class MLXBackend:
             raise MacftError("Gemma-3 activations overflow in fp16 (the loss turns NaN).",
                              "Use --precision bf16 (Apple silicon) or fp32.")
         return p
+
+    def memory_target(self, cfg: Any, model_config: dict[str, Any]) -> Any:
+        from ..estimate.memory import Target
+        from .train import memory_budget
+
+        metal = on_metal()
+        label = ("Metal's recommended working set" if metal else "available RAM")
+        if os.environ.get("MACFT_MLX_MEMORY_LIMIT_GB"):
+            label += " (capped by MACFT_MLX_MEMORY_LIMIT_GB)"
+        return Target("mlx", "metal" if metal else "cpu",
+                      4 if self.precision(cfg, model_config) == "fp32" else 2, memory_budget(), label)
 
     def check(self, cfg: Any, model_config: dict[str, Any] | None = None) -> list[str]:
         problems: list[str] = []
