@@ -108,9 +108,14 @@ def before_after(run_dir: Path, gguf: Path, valid: Path) -> list[dict[str, str]]
     from ..inference import Sampling, load_chat_model
 
     rows = [json.loads(x) for x in valid.read_text(encoding="utf-8").splitlines() if x.strip()]
-    prompts = [[m for m in r["messages"] if m["role"] != "assistant"][:1] for r in rows[:QUESTIONS]]
+    prompts = []
+    for r in rows:  # conversations up to their first reply (system prompts kept), one per question
+        msgs = r["messages"]
+        first = next((i for i, m in enumerate(msgs) if m["role"] == "assistant"), len(msgs))
+        if first and msgs[first - 1]["role"] == "user" and len(prompts) < QUESTIONS:
+            prompts.append(msgs[:first])
     s = Sampling(max_new_tokens=40, temperature=0.0)
-    out = [{"question": p[0]["content"]} for p in prompts]
+    out = [{"question": p[-1]["content"]} for p in prompts]
     for key, kwargs, adapters in (("before", {"run": str(run_dir)}, False),
                                   ("after", {"run": str(run_dir), "gguf": str(gguf)}, True)):
         with console.status(f"Answering with the {'base model' if key == 'before' else 'GGUF'} ..."):

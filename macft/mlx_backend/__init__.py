@@ -7,9 +7,8 @@ imports mlx lazily so that a missing install gives one clear message.
 
 from __future__ import annotations
 
-import os
-
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
