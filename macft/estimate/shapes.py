@@ -29,6 +29,7 @@ class ModelShape:
     intermediate: int
     tied: bool
     params: int  # every parameter of the language model
+    file_bytes: int = 0  # size of the *.safetensors files, when they are on disk
 
     def projection(self, name: str) -> tuple[int, int]:
         h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
@@ -63,7 +64,8 @@ def shape_from_config(config: dict[str, Any], weights_dir: Path | None = None) -
     if not counted:
         norms = shape.layers * (4 * hidden + 2 * head_dim) + hidden
         counted = shape.layers * shape.linear_params_per_layer + shape.embedding_params + norms
-    return ModelShape(**{**shape.__dict__, "params": counted})
+    files = sum(f.stat().st_size for f in Path(weights_dir).glob("*.safetensors")) if weights_dir else 0
+    return ModelShape(**{**shape.__dict__, "params": counted, "file_bytes": files})
 
 
 def count_safetensors_params(path: Path, text_only: bool = True) -> int:
