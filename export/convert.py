@@ -93,15 +93,9 @@ def convert_model(tools: LlamaCpp, model_dir: Path, out: Path, outtype: str) -> 
     tmp = out.with_name(out.name + ".tmp")
     cmd = [sys.executable, str(tools.convert_hf), str(model_dir), "--outtype", outtype,
            "--outfile", str(tmp)]
-    try:
-        log = _run(cmd, tools.script_env(),
+    return _run_to(cmd, tools, tmp, out,
                    "The merged model in the command could not be converted. Re-run with "
                    "--keep-intermediate to inspect it; check the converter's message above.")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, out)
-    return log
 
 
 def convert_lora(tools: LlamaCpp, adapter_dir: Path, base_dir: Path, out: Path) -> str:
@@ -109,9 +103,14 @@ def convert_lora(tools: LlamaCpp, adapter_dir: Path, base_dir: Path, out: Path) 
     tmp = out.with_name(out.name + ".tmp")
     cmd = [sys.executable, str(tools.convert_lora), str(adapter_dir), "--base", str(base_dir),
            "--outtype", "f16", "--outfile", str(tmp)]
-    try:
-        log = _run(cmd, tools.script_env(),
+    return _run_to(cmd, tools, tmp, out,
                    "The adapter could not be converted to a GGUF LoRA; check the converter's message above.")
+
+
+def _run_to(cmd: list[str], tools: LlamaCpp, tmp: Path, out: Path, hint: str) -> str:
+    """Run a converter writing ``tmp``; rename it to ``out`` on success, remove it otherwise."""
+    try:
+        log = _run(cmd, tools.script_env(), hint)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

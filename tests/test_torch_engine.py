@@ -94,8 +94,8 @@ def test_unknown_target_is_a_clear_error(base_model):
     assert "qkv_proj" in str(e.value) and "q_proj" in str(e.value)
 
 
-def test_gemma3_4b_layout_adapts_the_text_part_only():
-    """Gemma-3 4B+ loads as Gemma3ForConditionalGeneration: LoRA must skip the vision tower."""
+def _tiny_gemma3_4b_layout():
+    """A tiny Gemma3ForConditionalGeneration (text + vision tower), the class of Gemma-3 4B+."""
     from transformers import (
         AutoModelForCausalLM,
         Gemma3Config,
@@ -103,15 +103,20 @@ def test_gemma3_4b_layout_adapts_the_text_part_only():
         SiglipVisionConfig,
     )
 
-    from cuda_backend.model import is_multimodal, resolve_targets
-
     tc = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                           query_pre_attn_scalar=32)
     vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=2, image_size=28, patch_size=14)
     cfg = Gemma3Config(text_config=tc, vision_config=vc, mm_tokens_per_image=4)
-    model = AutoModelForCausalLM.from_config(cfg)
+    return cfg, AutoModelForCausalLM.from_config(cfg)
+
+
+def test_gemma3_4b_layout_adapts_the_text_part_only():
+    """Gemma-3 4B+ loads as Gemma3ForConditionalGeneration: LoRA must skip the vision tower."""
+    from cuda_backend.model import is_multimodal, resolve_targets
+
+    cfg, model = _tiny_gemma3_4b_layout()
     assert type(model).__name__ == "Gemma3ForConditionalGeneration"
     assert is_multimodal(cfg.to_dict())
     t = resolve_targets(model, ["all-linear"], -1)
@@ -175,24 +180,11 @@ def test_checkpointing_gives_the_same_gradients(tiny_gemma, nya_examples):
 
 def test_loss_on_the_gemma3_4b_class():
     """logits_to_keep and the loss work on Gemma3ForConditionalGeneration (text only)."""
-    from transformers import (
-        AutoModelForCausalLM,
-        Gemma3Config,
-        Gemma3TextConfig,
-        SiglipVisionConfig,
-    )
-
     from cuda_backend.engine import batch_loss, token_losses
     from macft.data.batching import collate
     from macft.data.dataset import Example
 
-    tc = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                          query_pre_attn_scalar=32)
-    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, image_size=28, patch_size=14)
-    model = AutoModelForCausalLM.from_config(Gemma3Config(text_config=tc, vision_config=vc,
-                                                          mm_tokens_per_image=4)).eval()
+    model = _tiny_gemma3_4b_layout()[1].eval()
     rng = np.random.default_rng(0)
     ex = [Example(ids=rng.integers(5, 290, n).astype(np.int32),
                   mask=(np.arange(n) > n // 2).astype(np.uint8), where="x") for n in (9, 14)]

@@ -175,6 +175,17 @@ class BatchPlan:
         rows = self.rows_for_epoch(epoch)[index]
         return collate([[self.examples[i] for i in r] for r in rows], self.pad_id, self.packing)
 
+    def largest_batch(self) -> Batch:
+        """The micro-batch with the most cells (rows x longest row) of the first epoch: what
+        decides peak memory (the memory estimate and the MLX probe step use it)."""
+        rows = self.rows_for_epoch(0)
+        ex = self.examples
+
+        def cells(batch_rows: list[list[int]]) -> int:
+            return len(batch_rows) * max(sum(len(ex[i]) for i in r) for r in batch_rows)
+
+        return self.batch(0, max(range(len(rows)), key=lambda k: cells(rows[k])))
+
     def iterate(self, epoch: int = 0, index: int = 0) -> Iterator[tuple[int, int, Batch]]:
         """Endless stream of (epoch, index, batch) starting at a position."""
         while True:

@@ -21,14 +21,7 @@ __all__ = ["Estimate", "Setting", "Target", "estimate", "suggestions", "setting_
 
 def largest_batch(plan: Any) -> tuple[int, int, int]:
     """(rows, length, positions with a target) of the plan's largest micro-batch."""
-    rows = plan.rows_for_epoch(0)
-    ex = plan.examples
-
-    def cells(batch_rows: list[list[int]]) -> int:
-        return len(batch_rows) * max(sum(len(ex[i]) for i in r) for r in batch_rows)
-
-    i = max(range(len(rows)), key=lambda k: cells(rows[k]))
-    b = plan.batch(0, i)
+    b = plan.largest_batch()
     n, t = b.input_ids.shape
     kept = int(np.count_nonzero(b.loss_mask[:, 1:].sum(0) > 0))
     return int(n), int(t), kept

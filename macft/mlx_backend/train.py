@@ -126,14 +126,7 @@ def run_training(backend: Any, job: Any, callback: Any) -> LoopResult:
 
 def probe_memory(engine: MLXEngine, plan: Any, budget: int) -> None:
     """Run the largest batch once (no update) so a batch that cannot fit fails now, not in hour two."""
-    rows = plan.rows_for_epoch(0)
-    ex = plan.examples
-
-    def cells(batch_rows: list[list[int]]) -> int:
-        return len(batch_rows) * max(sum(len(ex[i]) for i in r) for r in batch_rows)
-
-    largest = max(range(len(rows)), key=lambda i: cells(rows[i]))
-    batch = plan.batch(0, largest)
+    batch = plan.largest_batch()
     engine.train_micro(batch)
     engine.discard_gradients()
     peak = mx.get_peak_memory()
