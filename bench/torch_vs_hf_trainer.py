@@ -19,7 +19,7 @@ Each arm runs in its own process (so peak memory is that process's own). Measure
 
 - trained tokens/s: loss-mask tokens per second of training time (macft: its train
   report over all steps, evaluation excluded; Trainer: trained tokens / ``train_runtime``)
-- peak memory: the process's peak RSS on the CPU (``ru_maxrss``; macft reports the same),
+- peak memory: the process's peak RSS on the CPU (``ru_maxrss``; macft reads VmHWM, the same here),
   ``torch.cuda.max_memory_allocated`` on a GPU
 - final validation loss: mean cross-entropy per trained token over the whole validation
   set, computed the same way for both (macft's own evaluation; for Trainer the final model

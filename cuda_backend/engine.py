@@ -118,6 +118,21 @@ def distill_loss(model: Any, batch: Batch, device: Any, temperature: float) -> t
 # --------------------------------------------------------------------------- engine
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size. On Linux ``VmHWM``: ``ru_maxrss`` survives
+    ``exec`` and so reports the launching process's peak when that was larger (macft run from
+    a big Python process, e.g. a notebook or pytest)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB elsewhere
+
+
 def _seed_for(seed: int, step: int, global_micro: int) -> int:
     h = hashlib.blake2b(f"macft-{seed}-{step}-{global_micro}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
@@ -291,8 +306,7 @@ class TorchEngine:
             import torch
 
             return torch.cuda.max_memory_allocated(self.torch_device) / 1e9
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9  # bytes on macOS, KiB on Linux
+        return peak_rss_bytes() / 1e9
 
     def param_counts(self) -> tuple[int, int]:
         # peft counts 4-bit weights at their real size (two values per stored byte)

@@ -100,12 +100,7 @@ def _measure(model: Path, backend: str, work: Path, *extra: str) -> tuple[float,
 def test_estimate_is_within_15_percent_of_the_measured_peak(tiny_gemma, tmp_path, backend, extra):
     predicted, measured = _measure(tiny_gemma, backend, tmp_path, *extra)
     print(f"{backend} {' '.join(extra)}: predicted {predicted:.3f} GB, measured {measured:.3f} GB")
-    # MLX's peak counts its arrays; PyTorch on the CPU reports the whole process's peak RSS,
-    # which moves by up to ~0.1 GB between identical runs of this ~1 GB fixture (libraries,
-    # allocator), so it gets a wider band here; bench/estimate_vs_measured.py checks 15% on
-    # 1B- and 4B-shaped models, where the tensors dominate.
-    tolerance = 0.15 if backend == "mlx" else 0.25
-    assert abs(predicted - measured) <= tolerance * measured, (predicted, measured)
+    assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured)
 
 
 def test_train_refuses_a_run_that_cannot_fit_and_says_what_would(tiny_gemma, run_cli, tmp_path, monkeypatch):

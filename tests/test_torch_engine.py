@@ -198,3 +198,17 @@ def test_loss_on_the_gemma3_4b_class():
     assert n == batch.n_trained
     assert abs(float(ours) - float(ref)) < 1e-4 * float(ref)
     assert token_losses(model, batch, "cpu").shape == (2, batch.shape[1] - 1)
+
+
+def test_cpu_peak_memory_is_this_process_not_its_launcher():
+    """ru_maxrss survives exec: a run started from a big process (pytest here, a notebook for a
+    user) must not report that process's peak as its own."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(800 * 1024 * 1024)  # this process now peaks above 800 MB
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    out = subprocess.run([sys.executable, "-c", "from cuda_backend.engine import peak_rss_bytes; "
+                          "print(peak_rss_bytes())"], capture_output=True, text=True, check=True)
+    del ballast
+    assert int(out.stdout) < 400 * 1024 * 1024, int(out.stdout)
