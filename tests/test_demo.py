@@ -33,3 +33,25 @@ def test_demo_runs_offline_and_ends_with_the_ggufs_answers(tmp_path, llama_tools
     r2 = subprocess.run([sys.executable, "-m", "macft", "demo", "--output", str(out)],
                         capture_output=True, text=True, env=env)
     assert r2.returncode == 2 and "--overwrite" in r2.stderr
+
+
+def test_demo_outside_a_clone_says_how_to_get_the_data(run_cli, tmp_path, monkeypatch):
+    from macft.commands import demo
+
+    monkeypatch.setattr(demo, "DATA", tmp_path / "no-data")
+    rc, _, err = run_cli("demo", "--output", tmp_path / "d")
+    assert rc == 2 and "clone" in err and "pip install -e" in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_failed_demo_leaves_nothing_behind(run_cli, tmp_path, monkeypatch):
+    import export.llama_cpp
+    from macft.errors import MacftError
+
+    def no_tools(log=None):
+        raise MacftError("CMake was not found.", "Install cmake.")
+
+    monkeypatch.setattr(export.llama_cpp, "ensure_built", no_tools)
+    rc, _, err = run_cli("demo", "--output", tmp_path / "d")
+    assert rc == 2 and "CMake was not found" in err
+    assert not (tmp_path / "d").exists()

@@ -38,9 +38,6 @@ def _data_dir() -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import main as cli_main
-    from ..tiny import build_tiny_gemma3, corpus_from_jsonl, pretrain
-
     data = _data_dir()
     out = Path(args.output).expanduser().resolve()
     if out.exists() and any(out.iterdir()):
@@ -49,6 +46,20 @@ def run(args: argparse.Namespace) -> int:
                              "Pass --overwrite to replace it, or --output NEW_DIR.")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        rc = _run_steps(args, data, out)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # no half-made demo left behind
+        raise
+    if rc != 0:
+        shutil.rmtree(out, ignore_errors=True)
+    return rc
+
+
+def _run_steps(args: argparse.Namespace, data: Path, out: Path) -> int:
+    from ..cli import main as cli_main
+    from ..tiny import build_tiny_gemma3, corpus_from_jsonl, pretrain
+
     t0 = time.time()
     steps = ["llama.cpp tools", "base model", "fine-tune", "export q4_k_m", "before / after"]
 
