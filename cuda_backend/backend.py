@@ -13,6 +13,7 @@ from typing import Any
 from macft.backends import TrainJob
 from macft.config import RunConfig
 from macft.errors import BackendUnavailable
+from macft.model_info import ModelInfo
 from macft.training.events import TrainingCallback
 from macft.training.loop import LoopResult
 
@@ -31,15 +32,15 @@ class TorchBackend:
             self._facts = hardware.probe()
         return self._facts
 
-    def check(self, cfg: RunConfig, model_config: dict[str, Any] | None = None) -> list[str]:
-        return hardware.problems(cfg.model.quantize, cfg.train.precision, model_config, self.facts,
+    def check(self, cfg: RunConfig, model_info: ModelInfo | None = None) -> list[str]:
+        return hardware.problems(cfg.model.quantize, cfg.train.precision, model_info, self.facts,
                                  model_name=cfg.model.name)
 
-    def memory_target(self, cfg: RunConfig, model_config: dict[str, Any]) -> Any:
+    def memory_target(self, cfg: RunConfig, model_info: ModelInfo) -> Any:
         from macft.estimate.memory import Target
 
         facts = self.facts
-        precision = hardware.choose_precision(cfg.train.precision, facts, model_config)
+        precision = hardware.choose_precision(cfg.train.precision, facts, model_info)
         nbytes = 2 if precision.name == "bf16" else 4
         if facts.cuda_available:
             import torch
@@ -66,10 +67,10 @@ class TorchBackend:
         from .optim import make_optimizer
 
         cfg, facts = job.cfg, self.facts
-        problems = self.check(cfg, job.model_config)
+        problems = self.check(cfg, job.model_info)
         if problems:
             raise BackendUnavailable(self.name, problems)
-        precision = hardware.choose_precision(cfg.train.precision, facts, job.model_config)
+        precision = hardware.choose_precision(cfg.train.precision, facts, job.model_info)
         if not facts.cuda_available:
             import torch
 
@@ -85,7 +86,7 @@ class TorchBackend:
         if precision.note:
             notes.append(precision.note)
 
-        loaded = load_for_training(cfg, job.model_path, job.model_config, precision, ctx.device)
+        loaded = load_for_training(cfg, job.model_path, job.model_info, precision, ctx.device)
         optimizer, opt_name, opt_note = make_optimizer(
             [p for p in loaded.model.parameters() if p.requires_grad],
             on_gpu=facts.cuda_available, quantized=cfg.model.quantize != "none",

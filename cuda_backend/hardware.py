@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from macft.models import is_gemma
+if TYPE_CHECKING:
+    from macft.model_info import ModelInfo
 
 # The CUDA build of torch that matches current NVIDIA drivers (CUDA 12.8 runtime).
 CUDA_WHEEL_INDEX = "https://download.pytorch.org/whl/cu128"
@@ -107,7 +109,7 @@ class Precision:
         return "bfloat16" if self.name == "bf16" else "float32"
 
 
-def choose_precision(requested: str, facts: HardwareFacts, model_config: dict[str, Any]) -> Precision:
+def choose_precision(requested: str, facts: HardwareFacts, model_info: ModelInfo | None) -> Precision:
     """The compute precision for a config that :func:`problems` accepted."""
     if not facts.cuda_available:
         note = None
@@ -119,8 +121,8 @@ def choose_precision(requested: str, facts: HardwareFacts, model_config: dict[st
         return Precision("fp32", False)
     if facts.bf16_supported:
         return Precision("bf16", True)
-    why = ("Gemma-3's activations overflow fp16" if is_gemma(model_config)
-           else "fp16 would need loss scaling")
+    unsafe = fp16_unsafe_family(model_info, None)
+    why = f"{unsafe}'s activations overflow fp16" if unsafe else "fp16 would need loss scaling"
     return Precision("fp32", False,
                      f"{facts.gpu_name} has no bf16 support: computing in fp32 ({why}). "
                      "Expect about twice the memory and time of a bf16 GPU.")
@@ -140,10 +142,32 @@ def cpu_note(facts: HardwareFacts) -> str | None:
 # --------------------------------------------------------------------------- problems
 
 
-def problems(quantize: str, precision: str, model_config: dict[str, Any] | None,
+def fp16_unsafe_family(model_info: ModelInfo | None, model_name: str | None) -> str | None:
+    """The family's name (e.g. "Gemma-3") when its activations overflow fp16, else None.
+    Before the config is read (``model_info`` None) the model's name decides."""
+    from macft.model_info import FP16_UNSAFE_PREFIXES
+
+    if model_info is not None:
+        if not model_info.fp16_unsafe:
+            return None
+        family = model_info.text_model_type.lower()
+    else:
+        family = (model_name or "").lower().rsplit("/", 1)[-1]
+        if not any(p in family for p in FP16_UNSAFE_PREFIXES):
+            return None
+    # gemma3_text, gemma-3-1b-it -> Gemma-3; gemma-2b (the first Gemma, 2B) -> Gemma
+    m = re.search(r"gemma-?(\d)(?![\d.]*b)", family)
+    if m:
+        return f"Gemma-{m.group(1)}"
+    if "gemma" in family:
+        return "Gemma"
+    return model_info.describe() if model_info is not None else str(model_name)
+
+
+def problems(quantize: str, precision: str, model_info: ModelInfo | None,
              facts: HardwareFacts, model_name: str | None = None) -> list[str]:
     """Everything that keeps this backend from running here; each line says what was
-    found, what is expected and the exact fix. ``model_config`` is None in the early
+    found, what is expected and the exact fix. ``model_info`` is None in the early
     check (before any download): the model's family is then guessed from its name."""
     out: list[str] = []
     if facts.torch_version is None:
@@ -157,10 +181,10 @@ def problems(quantize: str, precision: str, model_config: dict[str, Any] | None,
     if quantize in ("4bit", "8bit") and not facts.bitsandbytes:
         out.append(f"--quantize {quantize} needs the bitsandbytes package, which is not installed. "
                    f"Fix: {BNB_FIX} (or train without --quantize)")
-    gemma = is_gemma(model_config) if model_config else "gemma" in (model_name or "").lower()
     if precision == "fp16":
-        if gemma:
-            out.append("--precision fp16 is refused for Gemma-3: its activations overflow fp16 "
+        unsafe = fp16_unsafe_family(model_info, model_name)
+        if unsafe:
+            out.append(f"--precision fp16 is refused for {unsafe}: its activations overflow fp16 "
                        "(values beyond 65504) and the loss turns to NaN. Fix: --precision auto "
                        "(bf16 where the GPU supports it, else fp32) or --precision fp32")
         else:
@@ -172,33 +196,24 @@ def problems(quantize: str, precision: str, model_config: dict[str, Any] | None,
         out.append(f"--precision bf16 was asked for, but {facts.gpu_name} (compute capability "
                    f"{cap}) has no bf16 support (it needs 8.0, Ampere, or newer). "
                    "Fix: --precision fp32 (or auto, which picks fp32 here)")
-    if model_config is not None:
-        arch = architecture_problem(model_config)
+    if model_info is not None:
+        arch = architecture_problem(model_info)
         if arch:
             out.append(arch)
     return out
 
 
-def architecture_problem(model_config: dict[str, Any]) -> str | None:
-    """None if transformers can build a causal LM for this config.json, else why not."""
+def architecture_problem(model_info: ModelInfo) -> str | None:
+    """None if transformers can build a causal LM for this model, else why not. (A
+    model_type transformers does not know is refused earlier, by ``read_model_info``.)"""
     try:
-        import transformers
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     except ImportError:
         return "the transformers package is missing. Fix: pip install 'transformers>=4.51'"
-    mt = model_config.get("model_type")
-    archs = ", ".join(model_config.get("architectures") or []) or "none listed"
-    if not mt:
-        return ("config.json has no 'model_type', so transformers cannot tell which architecture "
-                "to build. Fix: use a Hugging Face transformers checkpoint (its config.json names "
-                "a model_type)")
-    if mt not in CONFIG_MAPPING_NAMES:
-        return (f"transformers {transformers.__version__} does not know model_type '{mt}' "
-                f"(architectures: {archs}). Fix: pip install -U transformers, or pick a model "
-                "transformers supports (Gemma-3, Llama, Qwen, ...)")
+    mt = model_info.model_type
     if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        archs = ", ".join(model_info.architectures) or "none listed"
         return (f"transformers has no causal language model class for model_type '{mt}' "
                 f"(architectures: {archs}); macft fine-tunes text generation models only. "
-                "Fix: pick a causal LM (Gemma-3, Llama, Qwen, ...)")
+                "Fix: pick a causal LM (Gemma-3, Llama, Qwen, GPT-NeoX, GPT-2, ...)")
     return None

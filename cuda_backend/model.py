@@ -9,7 +9,14 @@
   then freezes the base and casts its remaining 16-bit weights (norms, embeddings)
   to fp32 for stable training.
 - LoRA targets are resolved to exact module names here (see :func:`resolve_targets`)
-  so the layers trained, the adapter written and the adapter PEFT reloads agree.
+  so the layers trained, the adapter written and the adapter PEFT reloads agree. The
+  adapter names every module by its full path in transformers' module tree
+  (``transformer.h.0.attn.c_attn``), on every architecture.
+- GPT-2's projections are ``Conv1D`` layers, whose weights are stored [in, out]: PEFT
+  adapts them with ``fan_in_fan_out=True``, and the adapter says so. Quantized,
+  transformers turns them into bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` holding the
+  transposed ([out, in]) weight, which LoRA adapts like any linear layer; the adapter still
+  says ``fan_in_fan_out`` because it belongs to the 16-bit checkpoint, where they are Conv1D.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any
 from macft.adapter import AdapterSpec
 from macft.config import RunConfig
 from macft.errors import MacftError
+from macft.model_info import ModelInfo, read_model_info
 
 from .hardware import Precision
 
@@ -56,13 +64,9 @@ def quantization_config(quantize: str, precision: Precision, multimodal: bool) -
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
-def is_multimodal(model_config: dict[str, Any]) -> bool:
-    return "text_config" in model_config and any(
-        k in model_config for k in ("vision_config", "audio_config"))
-
-
-def load_base(path: Path, model_config: dict[str, Any], quantize: str, precision: Precision,
+def load_base(path: Path, model_info: ModelInfo | None, quantize: str, precision: Precision,
               device: str) -> Any:
+    """The base model, as ``AutoModelForCausalLM`` builds it (``model_info`` None: read here)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -72,7 +76,8 @@ def load_base(path: Path, model_config: dict[str, Any], quantize: str, precision
         "attn_implementation": "sdpa",
     }
     if quantize in ("4bit", "8bit"):
-        kwargs["quantization_config"] = quantization_config(quantize, precision, is_multimodal(model_config))
+        info = model_info or read_model_info(path)
+        kwargs["quantization_config"] = quantization_config(quantize, precision, info.multimodal)
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
@@ -85,7 +90,24 @@ def load_base(path: Path, model_config: dict[str, Any], quantize: str, precision
         ) from None
     if "quantization_config" not in kwargs:
         model.to(device)
+    elif device == "cpu":
+        no_cpu_repacking(model)
     return model
+
+
+def no_cpu_repacking(model: Any) -> None:
+    """Keep bitsandbytes' 4-bit layers on the path training uses, on CPUs with AVX512-BF16.
+
+    There, bitsandbytes 0.50 repacks a ``Linear4bit``'s weight for a bf16 kernel the first
+    time it runs in eval mode without gradients (our validation passes), for good. Measured
+    after such a pass: logits off by ~0.07 (bf16), no gradient flows back through the layer
+    (the kernel has no autograd: earlier layers' LoRA then trains on wrong gradients,
+    silently), and layers with a bias (GPT-2) fail with "a view of a leaf Variable that
+    requires grad is being used in an in-place operation".
+    """
+    for mod in model.modules():
+        if getattr(mod, "support_avx512bf16_for_cpu", False):
+            mod.support_avx512bf16_for_cpu = False
 
 
 # --------------------------------------------------------------------------- LoRA targets
@@ -93,11 +115,18 @@ def load_base(path: Path, model_config: dict[str, Any], quantize: str, precision
 
 @dataclass
 class Targets:
-    modules: list[str]  # exact HF module names that get LoRA
-    short: list[str]  # their last name parts (q_proj, ...)
-    layers: list[int] | None  # decoder blocks adapted; None = all
-    peft_targets: list[str]  # what goes into LoraConfig / adapter_config.json
-    peft_layers: list[int] | None
+    modules: list[str]  # exact HF module names that get LoRA, sorted: the adapter's target_modules
+    layers: list[int]  # indices of the decoder blocks adapted
+    fan_in_fan_out: bool  # the checkpoint stores these weights [in, out] (GPT-2's Conv1D)
+    conv1d: bool  # ... and they are Conv1D modules in this model (not quantized)
+
+
+def _conv1d_class() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
 
 
 def _is_linear(module: Any) -> bool:
@@ -105,8 +134,21 @@ def _is_linear(module: Any) -> bool:
 
     if isinstance(module, torch.nn.Linear):
         return True
+    conv1d = _conv1d_class()
+    if conv1d is not None and isinstance(module, conv1d):  # GPT-2's projections
+        return True
     # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear; this catches other wrappers
     return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def _stored_in_out(module: Any) -> bool:
+    """Whether the checkpoint holds this layer's weight as [in, out]: a Conv1D, or a
+    bitsandbytes layer transformers built from one (it records the class in ``source_cls``)."""
+    conv1d = _conv1d_class()
+    if conv1d is None:
+        return False
+    source = getattr(module, "source_cls", None)
+    return isinstance(module, conv1d) or (isinstance(source, type) and issubclass(source, conv1d))
 
 
 def _decoder_layers(model: Any) -> tuple[str, Any]:
@@ -131,50 +173,62 @@ def _decoder_layers(model: Any) -> tuple[str, Any]:
                      "This architecture is not supported yet by macft's cuda backend.")
 
 
+def _matches(target: str, sub: str) -> bool:
+    """``q_proj`` matches ``self_attn.q_proj``; ``attn.c_proj`` matches ``attn.c_proj`` but
+    not ``mlp.c_proj`` (GPT-2 has both)."""
+    return sub == target or sub.endswith("." + target)
+
+
 def resolve_targets(model: Any, targets: list[str], last_n_layers: int) -> Targets:
     """Exact modules for ``lora.targets`` / ``lora.layers``.
 
-    ``all-linear``: every linear layer inside the text decoder's blocks (every
-    attention and MLP projection). Named targets: linear layers in those blocks
-    whose last name part matches. ``last_n_layers`` -1: all blocks, else the last N.
-    """
-    from peft import LoraConfig
-    from peft.tuners.tuners_utils import check_target_module_exists
+    ``all-linear``: every linear layer (``nn.Linear``, GPT-2's ``Conv1D``, their bitsandbytes
+    replacements) inside the text decoder's blocks: every attention and MLP projection,
+    never a vision tower. Named targets: linear layers in those blocks whose path ends with
+    the name (``q_proj``, ``c_attn``, ``attn.c_proj``). ``last_n_layers`` -1: all blocks, else
+    the last N.
 
+    The adapter lists the modules by full path (``model.language_model.layers.0.self_attn.q_proj``)
+    with no ``layers_to_transform``: unambiguous on every architecture, where a short name
+    could also match a vision tower's layer or depend on the block list's name.
+    """
     prefix, blocks = _decoder_layers(model)
     n = len(blocks)
     chosen = list(range(n)) if last_n_layers == -1 else list(range(max(0, n - last_n_layers), n))
     want_all = any(t == "all-linear" for t in targets)
-    wanted = {t for t in targets if t != "all-linear"}
-    modules, found_short = [], set()
-    available = set()
+    wanted = [t for t in targets if t != "all-linear"]
+    modules: list[str] = []
+    in_out: list[bool] = []
+    conv: list[bool] = []
+    found: set[str] = set()
+    available: set[str] = set()
+    conv1d = _conv1d_class()
     for i in chosen:
         for sub, mod in blocks[i].named_modules():
             if not sub or not _is_linear(mod):
                 continue
-            short = sub.split(".")[-1]
-            available.add(short)
-            if want_all or short in wanted:
+            available.add(sub.split(".")[-1])
+            hit = [t for t in wanted if _matches(t, sub)]
+            if want_all or hit:
+                found.update(hit)
                 modules.append(f"{prefix}.{i}.{sub}")
-                found_short.add(short)
-    missing = sorted(wanted - available)
+                in_out.append(_stored_in_out(mod))
+                conv.append(conv1d is not None and isinstance(mod, conv1d))
+    missing = [t for t in wanted if t not in found]
     if missing or not modules:
         raise MacftError(
-            f"LoRA target(s) {', '.join(missing) or ', '.join(targets)} match no linear layer in "
-            f"the model's blocks; they have: {', '.join(sorted(available))}.",
+            f"LoRA target(s) {', '.join(missing or targets)} match no linear layer in "
+            f"the model's blocks; they have: {', '.join(sorted(available)) or 'none'}.",
             "Use --lora-targets all-linear, or names from that list.")
-    layers = None if last_n_layers == -1 or len(chosen) == n else chosen
-    short = sorted(found_short)
-    # Prefer the portable short form (q_proj, ... + layers_to_transform) in the adapter
-    # config; fall back to exact names when the short form would also match other
-    # modules (e.g. the vision tower's q_proj in Gemma-3 4B).
-    probe = LoraConfig(target_modules=short, layers_to_transform=layers,
-                       layers_pattern="layers" if layers is not None else None)
-    matched = {name for name, _ in model.named_modules()
-               if name and check_target_module_exists(probe, name)}
-    if matched == set(modules):
-        return Targets(modules, short, layers, short, layers)
-    return Targets(modules, short, layers, sorted(modules), None)
+    if len(set(in_out)) > 1:
+        # one fan_in_fan_out flag per adapter (PEFT's LoraConfig): no known causal LM mixes them
+        raise MacftError(
+            f"The chosen LoRA targets of {type(model).__name__} mix Conv1D layers (weights stored "
+            f"[in, out]: {', '.join(m for m, f in zip(modules, in_out) if f)[:200]}) and linear "
+            "layers; one adapter cannot describe both.",
+            "Pick targets of one kind with --lora-targets.")
+    order = sorted(range(len(modules)), key=lambda k: modules[k])
+    return Targets([modules[k] for k in order], chosen, in_out[0], any(conv))
 
 
 def apply_lora(model: Any, cfg: RunConfig, targets: Targets) -> Any:
@@ -186,9 +240,9 @@ def apply_lora(model: Any, cfg: RunConfig, targets: Targets) -> Any:
     torch.manual_seed(cfg.train.seed)
     lcfg = LoraConfig(
         r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-        target_modules=targets.peft_targets, layers_to_transform=targets.peft_layers,
-        layers_pattern="layers" if targets.peft_layers is not None else None,
-        bias="none", task_type="CAUSAL_LM")
+        target_modules=list(targets.modules), bias="none", task_type="CAUSAL_LM",
+        # True on Conv1D layers; PEFT's bitsandbytes layers ignore it (their weight is [out, in])
+        fan_in_fan_out=targets.conv1d)
     # autocast_adapter_dtype (default True) keeps LoRA weights in fp32 over a 16-bit base.
     with warnings.catch_warnings():  # peft asks the v5-deprecated is_gradient_checkpointing
         warnings.simplefilter("ignore", FutureWarning)
@@ -204,10 +258,10 @@ def enable_checkpointing(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def load_for_training(cfg: RunConfig, model_path: Path, model_config: dict[str, Any],
+def load_for_training(cfg: RunConfig, model_path: Path, model_info: ModelInfo | None,
                       precision: Precision, device: str) -> LoadedModel:
     quantize = cfg.model.quantize
-    model = load_base(model_path, model_config, quantize, precision, device)
+    model = load_base(model_path, model_info, quantize, precision, device)
     record = quant_record(model, quantize, precision) if quantize in ("4bit", "8bit") else None
     if quantize in ("4bit", "8bit"):
         from peft import prepare_model_for_kbit_training
@@ -230,8 +284,8 @@ def load_for_training(cfg: RunConfig, model_path: Path, model_config: dict[str, 
                          f"({len(lora_modules)} of {len(targets.modules)}).",
                          "Report this with the model's config.json.")
     spec = AdapterSpec(base_model=str(cfg.model.name), rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-                       dropout=cfg.lora.dropout, target_modules=targets.peft_targets,
-                       layers=targets.peft_layers)
+                       dropout=cfg.lora.dropout, target_modules=list(targets.modules),
+                       layers=None, fan_in_fan_out=targets.fan_in_fan_out)
     return LoadedModel(peft_model, lora_modules, spec, record)
 
 

@@ -14,11 +14,15 @@ import sys
 from pathlib import Path
 
 from macft.errors import MacftError, ToolError
+from macft.model_info import ModelInfo
 
 from .llama_cpp import LlamaCpp
 
 CONVERTER_MODULES = {"torch": "torch", "numpy": "numpy", "sentencepiece": "sentencepiece",
                      "transformers": "transformers", "google.protobuf": "protobuf"}
+# Architectures whose converter class builds the vocabulary as byte-level BPE only
+# (``_set_vocab_gpt2``): a SentencePiece tokenizer cannot be converted with them.
+BPE_VOCAB_ONLY = {"GPTNeoXForCausalLM": "GPT-NeoX", "GPT2LMHeadModel": "GPT-2"}
 _REGISTER = re.compile(r"@ModelBase\.register\(([^)]*)\)")
 
 
@@ -50,8 +54,9 @@ def supported_architectures(root: Path) -> set[str]:
     return names
 
 
-def check_architecture(tools: LlamaCpp, config: dict, model_dir: Path) -> str:
-    archs = config.get("architectures") or []
+def check_architecture(tools: LlamaCpp, info: ModelInfo) -> str:
+    model_dir = info.path
+    archs = info.architectures
     if not archs:
         raise MacftError(f"{model_dir}/config.json names no architecture ('architectures' is missing).",
                          "Use a Hugging Face model directory saved by transformers.")
@@ -63,6 +68,18 @@ def check_architecture(tools: LlamaCpp, config: dict, model_dir: Path) -> str:
             "its converter has no support for it." + (f" Related ones it supports: {', '.join(close[:8])}." if close else ""),
             "Use a model whose architecture llama.cpp supports (Gemma-3, Llama, Qwen2/3, Mistral, ...), "
             "or point --llama-cpp at a newer llama.cpp checkout that supports it.")
+    bpe_only = BPE_VOCAB_ONLY.get(archs[0])
+    has_bpe = any((model_dir / f).is_file() for f in ("tokenizer.json", "vocab.json"))
+    spm = [f for f in ("spiece.model", "tokenizer.model") if (model_dir / f).is_file()]
+    if bpe_only and spm and not has_bpe:
+        raise MacftError(
+            f"llama.cpp ({tools.description}) cannot convert {model_dir}: its converter reads the "
+            f"vocabulary of {bpe_only} models only as byte-level BPE (tokenizer.json, or vocab.json + "
+            f"merges.txt), and this model's tokenizer is SentencePiece ({spm[0]}), as rinna's Japanese "
+            f"{bpe_only} models ship it. Nothing was written.",
+            "The fine-tune itself is fine: use it with `macft chat --run RUN` / `macft generate --run RUN` "
+            "(transformers + peft or MLX). For a GGUF, fine-tune a model whose architecture llama.cpp "
+            "pairs with SentencePiece (Llama, Gemma, ...) or one that ships a byte-level BPE tokenizer.")
     return archs[0]
 
 

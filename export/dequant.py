@@ -16,6 +16,12 @@ Which weights training quantized (the trainers follow their libraries' rules):
 - ``mlx-affine`` (MLX backend, mlx-lm): every 2-D weight of a linear layer *and* of an
   embedding whose last dimension is a multiple of ``group_size``.
 
+GPT-2's projections are ``Conv1D`` layers whose checkpoint weights are stored [in, out].
+Both trainers quantize the [out, in] transpose (transformers turns each Conv1D into a
+bitsandbytes linear layer holding ``weight.T``; mlx-lm transposes them on load), so the
+merge hands :meth:`BaseQuantization.roundtrip` the transposed weight and its ``applies_to``
+the [out, in] shape (see :mod:`export.merge`).
+
 Minus the modules listed in ``unquantized``. An optional ``"quantized": [...]`` list, when
 present, names the quantized modules exactly and replaces the rules. An optional
 ``"dtype"`` (default ``float32``) is the dtype the weights were quantized from (mlx-affine:
@@ -64,7 +70,8 @@ class BaseQuantization:
         return self.method == "mlx-affine"
 
     def applies_to(self, module: str, shape: tuple[int, ...]) -> bool:
-        """Whether training saw this weight (HF module name, no ``.weight``) quantized."""
+        """Whether training saw this weight (HF module name, no ``.weight``; ``shape`` as
+        training saw it, [out, in]) quantized."""
         if len(shape) != 2:
             return False
         c = canonical(module)
@@ -79,7 +86,8 @@ class BaseQuantization:
         return shape[-1] % self.group_size == 0
 
     def roundtrip(self, w: np.ndarray) -> np.ndarray:
-        """``w`` (fp32) quantized and dequantized as in training, in fp32."""
+        """``w`` (fp32, [out, in] as training held it) quantized and dequantized as in
+        training, in fp32."""
         if self.method == "bnb-nf4":
             return _bnb_nf4(w, self.group_size, self.double_quant)
         if self.method == "bnb-int8":

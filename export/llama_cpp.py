@@ -41,7 +41,11 @@ PIN_SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c
 VENDOR_PREFIX = f"llama_cpp_python-{PIN_VERSION}/vendor/llama.cpp/"
 
 # Built for export and its verification. llama-cli needs the server target; completion is enough.
-TOOLS = ("llama-quantize", "llama-completion", "llama-tokenize", "llama-perplexity")
+# What every export needs; a user's own checkout must have these.
+CORE_TOOLS = ("llama-quantize", "llama-completion", "llama-tokenize", "llama-perplexity")
+# The pinned build also has llama-mtmd-cli: it checks that an exported vision projector
+# (mmproj GGUF) loads beside the text GGUF and answers about an image.
+TOOLS = (*CORE_TOOLS, "llama-mtmd-cli")
 CONVERT_HF = "convert_hf_to_gguf.py"
 CONVERT_LORA = "convert_lora_to_gguf.py"
 
@@ -54,8 +58,8 @@ CMAKE_FLAGS = [
     "-DLLAMA_OPENSSL=OFF",  # the tools never download anything
     f"-DLLAMA_BUILD_NUMBER={PIN_BUILD}",  # the sdist's .git is shallow: binaries would say "build 1"
 ]
-# Compile cost of TOOLS measured on x86_64 (about 1050 CPU-seconds for the CPU build).
-CPU_SECONDS = {"cpu": 1100, "metal": 900, "cuda": 7200}
+# Compile cost of TOOLS measured on x86_64 (about 1050 CPU-seconds for the CPU build, +100 for mtmd).
+CPU_SECONDS = {"cpu": 1200, "metal": 1000, "cuda": 7800}
 
 ENV_CHECKOUT = "MACFT_LLAMA_CPP"
 ENV_CACHE = "MACFT_CACHE_DIR"
@@ -93,7 +97,11 @@ class LlamaCpp:
         """Environment for the converter scripts: the gguf-py beside them, never PyPI's gguf."""
         env = dict(os.environ)
         gguf_py = str(self.root / "gguf-py")
-        env["PYTHONPATH"] = gguf_py + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        # converter_site/sitecustomize.py: the config keys the converter's pinned transformers 4
+        # would show it (see vendor_llama_cpp.md, "Converter and transformers 5")
+        site = str(Path(__file__).resolve().parent / "converter_site")
+        env["PYTHONPATH"] = os.pathsep.join(
+            [gguf_py, site] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         env.pop("NO_LOCAL_GGUF", None)
         return env
 
@@ -215,15 +223,15 @@ def user_checkout(path: Path, via: str) -> LlamaCpp:
             "Pass the root of a llama.cpp checkout, or leave it out to use the pinned llama.cpp.")
     candidates = [path / "build" / "bin", path / "build" / "bin" / "Release", path / "bin", path]
     for c in candidates:
-        if all((c / t).is_file() for t in TOOLS):
+        if all((c / t).is_file() for t in CORE_TOOLS):
             return LlamaCpp(path, c, f"user checkout {path} (via {via})", "user")
-    found = {str(c): [t for t in TOOLS if (c / t).is_file()] for c in candidates if c.is_dir()}
+    found = {str(c): [t for t in CORE_TOOLS if (c / t).is_file()] for c in candidates if c.is_dir()}
     have = "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in found.items()) or "no build directory"
     raise MacftError(
-        f"The llama.cpp checkout {path} has no build with all of {', '.join(TOOLS)} "
+        f"The llama.cpp checkout {path} has no build with all of {', '.join(CORE_TOOLS)} "
         f"(looked in build/bin, build/bin/Release, bin; found {have}).",
         f"Build them: cd {path} && cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_SERVER=OFF "
-        f"&& cmake --build build --target {' '.join(TOOLS)} -j")
+        f"&& cmake --build build --target {' '.join(CORE_TOOLS)} -j")
 
 
 def _pin_description() -> str:

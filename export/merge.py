@@ -9,6 +9,12 @@ weight), not the model.
 For a QLoRA adapter the base is by default the one training saw: each weight training
 quantized is quantized and dequantized (in fp32) first, see :mod:`export.dequant`.
 
+Adapter modules are matched to base weights through :func:`export.names.canonical`, so an
+adapter named after transformers' module tree (``transformer.h.0.attn.c_attn``) fits every
+published naming of the base (``h.0.attn.c_attn.weight``). GPT-2's Conv1D weights are stored
+[in, out]: their update is applied transposed, and a QLoRA roundtrip happens on the
+transposed weight, the [out, in] matrix the trainers quantized.
+
 Tokenizer files, config, generation config and chat template are copied alongside.
 """
 
@@ -27,9 +33,10 @@ import numpy as np
 
 from macft.adapter import CONFIG_NAME, WEIGHTS_NAME, read_peft_adapter
 from macft.errors import MacftError
+from macft.model_info import ModelInfo
 
 from .dequant import BaseQuantization
-from .names import PEFT_PREFIX, canonical, weight_index
+from .names import PEFT_PREFIX, canonical, stored_in_out, weight_index
 from .safetensors_io import FLOAT_DTYPES, SafetensorsFile, SafetensorsWriter, TensorInfo, from_f32
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -63,6 +70,7 @@ class MergePlan:
     updates: dict[str, Update]  # base tensor name -> update
     quant: BaseQuantization | None  # apply the training-time roundtrip when set
     adapter_config: dict = field(default_factory=dict)
+    in_out: set[str] = field(default_factory=set)  # base tensors stored [in, out] (Conv1D)
 
     def base_description(self) -> str:
         if self.quant is None:
@@ -112,17 +120,17 @@ def base_shards(base_dir: Path) -> list[Path]:
         "`model.save_pretrained(dir, safe_serialization=True)` or download its safetensors files.")
 
 
-def check_base_config(base_dir: Path) -> dict:
-    from macft.models import read_model_config
+def check_base_config(base_dir: Path) -> ModelInfo:
+    from macft.model_info import read_model_info
 
-    cfg = read_model_config(base_dir)
-    if cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config"):
-        q = cfg.get("quantization_config") or cfg["text_config"]["quantization_config"]
+    info = read_model_info(base_dir)
+    q = info.quantization
+    if q:
+        method = q.get("quant_method") or (f"MLX {q['bits']}-bit" if "bits" in q else "unknown method")
         raise MacftError(
-            f"{base_dir} is stored quantized ({q.get('quant_method', 'unknown method')}): its weights "
-            "cannot be merged with a LoRA update.",
+            f"{base_dir} is stored quantized ({method}): its weights cannot be merged with a LoRA update.",
             "Pass the original 16-bit model with --model (the one the quantized copy was made from).")
-    return cfg
+    return info
 
 
 def load_adapter(adapter_dir: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
@@ -167,14 +175,19 @@ def module_scale(cfg: dict, module: str, rank: int) -> float:
 
 def plan_merge(base_dir: Path, adapter_dir: Path, quant: BaseQuantization | None) -> MergePlan:
     """Match every adapter module to a base weight; one error lists every mismatch."""
-    check_base_config(base_dir)
+    model_type = check_base_config(base_dir).text_model_type
     modules, cfg = load_adapter(adapter_dir)
     shards = [SafetensorsFile(p) for p in base_shards(base_dir)]
     where: dict[str, TensorInfo] = {}
     for sf in shards:
         where.update(sf.tensors)
     index = weight_index(list(where))
-    fan = bool(cfg.get("fan_in_fan_out"))
+    # Conv1D weights by the base's architecture (as PEFT decides by the module's class, whatever
+    # the adapter says: an adapter trained on a 4-bit GPT-2 says fan_in_fan_out false); the
+    # adapter's own flag covers Conv1D architectures this table does not know.
+    in_out = {n for n, t in where.items()
+              if n.endswith(".weight") and stored_in_out(model_type, n[:-7], t.shape)}
+    adapter_fan = bool(cfg.get("fan_in_fan_out"))
     problems: list[str] = []
     updates: dict[str, Update] = {}
     for module in sorted(modules):
@@ -202,6 +215,9 @@ def plan_merge(base_dir: Path, adapter_dir: Path, quant: BaseQuantization | None
         if len(t.shape) != 2:
             problems.append(f"{module}: base weight {t.name} has shape {list(t.shape)}, not a matrix")
             continue
+        fan = t.name in in_out or adapter_fan
+        if fan:
+            in_out.add(t.name)
         out_f, in_f = (t.shape[1], t.shape[0]) if fan else t.shape
         if b.shape[0] != out_f or a.shape[1] != in_f:
             problems.append(f"{module}: the adapter expects a weight of shape [{b.shape[0]}, {a.shape[1]}] "
@@ -217,7 +233,7 @@ def plan_merge(base_dir: Path, adapter_dir: Path, quant: BaseQuantization | None
             + "\n".join(f"  - {p}" for p in problems),
             f"Pass the base model the adapter was trained on with --model (its adapter_config.json "
             f"names '{claimed}').")
-    return MergePlan(base_dir, adapter_dir, shards, updates, quant, cfg)
+    return MergePlan(base_dir, adapter_dir, shards, updates, quant, cfg, in_out)
 
 
 # --------------------------------------------------------------------------- merging
@@ -236,26 +252,47 @@ def copy_side_files(base_dir: Path, out_dir: Path) -> list[str]:
     return copied
 
 
+# Buffers that checkpoints saved by old transformers carry (GPT-2's causal mask ``attn.bias``
+# and ``attn.masked_bias``, GPT-NeoX's ``attention.bias`` / ``masked_bias`` / ``rotary_emb.inv_freq``):
+# not weights, recomputed by every loader, and llama.cpp's converter stops on some of them
+# ("Can not map tensor 'h.0.attn.bias'"). The merged copy leaves them out.
+STALE_BUFFERS = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias",
+                 ".rotary_emb.inv_freq")
+
+
+def is_stale_buffer(t: TensorInfo) -> bool:
+    if not t.name.endswith(STALE_BUFFERS):
+        return False
+    if t.name.endswith(".inv_freq"):
+        return len(t.shape) == 1
+    return len(t.shape) in (0, 4)  # masks are [1, 1, n, n], masked_bias a scalar; real biases 1-D
+
+
 def merge(plan: MergePlan, out_dir: Path,
           on_tensor: Callable[[str], None] | None = None) -> MergeResult:
     """Write the merged model to ``out_dir`` (which must exist and be empty)."""
     t0 = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     n_tensors = n_merged = n_deq = written = 0
+    dropped: list[str] = []
     for sf in plan.shards:
-        entries = sf.ordered()
+        entries = [t for t in sf.ordered() if not is_stale_buffer(t)]
+        dropped += [t.name for t in sf.ordered() if is_stale_buffer(t)]
         writer = SafetensorsWriter(out_dir / sf.path.name, entries, sf.metadata or {"format": "pt"})
         try:
             for t in entries:
                 writer.begin(t.name)
                 upd = plan.updates.get(t.name)
+                transposed = t.name in plan.in_out
+                # (the shape training saw: [out, in])
+                shape = tuple(reversed(t.shape)) if transposed else t.shape
                 deq = (plan.quant is not None and t.name.endswith(".weight")
-                       and t.dtype in FLOAT_DTYPES and plan.quant.applies_to(t.name[:-7], t.shape))
+                       and t.dtype in FLOAT_DTYPES and plan.quant.applies_to(t.name[:-7], shape))
                 if upd is None and not deq:
                     sf.copy_raw(t, writer.stream)
                     writer.done_raw(t.nbytes)
                 else:
-                    _merge_tensor(sf, t, upd, plan.quant if deq else None, writer)
+                    _merge_tensor(sf, t, upd, plan.quant if deq else None, writer, transposed)
                     n_merged += upd is not None
                     n_deq += deq
                 n_tensors += 1
@@ -267,23 +304,33 @@ def merge(plan: MergePlan, out_dir: Path,
             writer.abort()
             raise
     copy_side_files(plan.base_dir, out_dir)
+    if dropped and (out_dir / INDEX_NAME).is_file():
+        index = json.loads((out_dir / INDEX_NAME).read_text())
+        for name in dropped:
+            (index.get("weight_map") or {}).pop(name, None)
+        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
     return MergeResult(out_dir, n_tensors, n_merged, n_deq, written, time.time() - t0,
                        plan.base_description())
 
 
 def _merge_tensor(sf: SafetensorsFile, t: TensorInfo, upd: Update | None,
-                  quant: BaseQuantization | None, writer: SafetensorsWriter) -> None:
+                  quant: BaseQuantization | None, writer: SafetensorsWriter,
+                  transposed: bool = False) -> None:
+    """``transposed``: the weight is stored [in, out] (Conv1D); quantization saw its transpose."""
     rows = t.shape[0]  # only matrices are merged or dequantized
     per_row = max(1, t.numel // max(rows, 1))
-    if quant is not None and not quant.row_blockable:
-        step = rows  # the whole weight at once (bitsandbytes' double quant is global)
+    if quant is not None and (transposed or not quant.row_blockable):
+        # the whole weight at once: bitsandbytes' double quant is global, and the blocks of
+        # a transposed weight run down its columns
+        step = rows
     else:
         step = max(1, min(rows, BLOCK_ELEMENTS // per_row))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         w = sf.read_f32(t, (r0, r1))
         if quant is not None:
-            w = quant.roundtrip(w)
+            w = np.ascontiguousarray(quant.roundtrip(np.ascontiguousarray(w.T)).T) if transposed \
+                else quant.roundtrip(w)
         if upd is not None:
             w += upd.rows(r0, r1)
         writer.write(from_f32(w, t.dtype))

@@ -151,9 +151,16 @@ def check_parts(renderer: Any, parts: TemplateParts, bos: str | None) -> bool:
 
 
 def modelfile_text(gguf_name: str, template: str | None, end_tokens: list[str], family: str,
-                   num_ctx: int, lora_note: str | None = None, system: str | None = None) -> str:
+                   num_ctx: int, lora_note: str | None = None, system: str | None = None,
+                   mmproj: str | None = None) -> str:
     s = SAMPLING["gemma" if family.startswith("gemma") else "default"]
     lines = ["# Made by macft export. Use: ollama create <name> -f Modelfile", f"FROM ./{gguf_name}", ""]
+    if mmproj:
+        lines[-1:] = [
+            "# The vision projector is beside it. Ollama versions differ in how they take a separate",
+            "# projector (a second FROM line works in some, not in others); llama.cpp and LM Studio",
+            "# use it reliably (see README.md). To try it in Ollama, uncomment:",
+            f"# FROM ./{mmproj}", ""]
     if template is not None:
         lines += [f'TEMPLATE """{template}"""', ""]
     if system:
@@ -169,7 +176,7 @@ def modelfile_text(gguf_name: str, template: str | None, end_tokens: list[str], 
 
 def readme_text(*, name: str, files: list[tuple[str, str, int]], main: str, lora: str | None,
                 base_gguf: str | None, template_exact: bool, end_tokens: list[str],
-                bin_dir: Path, report: str, verified: bool = True) -> str:
+                bin_dir: Path, report: str, verified: bool = True, mmproj: str | None = None) -> str:
     from macft.ui import human_bytes
 
     rows = "\n".join(f"| `{f}` | {k} | {human_bytes(sz)} |" for f, k, sz in files)
@@ -196,6 +203,23 @@ def readme_text(*, name: str, files: list[tuple[str, str, int]], main: str, lora
         f"macft's own llama.cpp build (`macft setup llama-cpp`) has `llama-completion` in `{bin_dir}`: "
         f"`{bin_dir}/llama-completion -m {main} -cnv`.",
         "",
+    ]
+    if mmproj:
+        lines += [
+            "### Images",
+            "",
+            f"`{mmproj}` is the model's vision projector (the fine-tune trained the text part only, so "
+            "the image path is the base model's). Load it beside the text model:",
+            "",
+            "```sh",
+            f"llama-mtmd-cli -m {main} --mmproj {mmproj} --image photo.jpg -p 'What is in this image?'",
+            f"llama-server -m {main} --mmproj {mmproj} --port 8080   # images through the API",
+            "```",
+            "",
+            f"LM Studio picks up the projector when `{mmproj}` is in the same folder as `{main}`.",
+            "",
+        ]
+    lines += [
         "## Ollama",
         "",
         "```sh",

@@ -27,6 +27,7 @@ from typing import Any
 
 from macft import __version__
 from macft.errors import MacftError
+from macft.model_info import ModelInfo
 from macft.ui import console, human_bytes, task_progress
 
 from .job import ExportJob
@@ -66,7 +67,8 @@ def estimate_bytes(job: ExportJob, shard_bytes: int, numel: int, adapter_bytes: 
 
 def run_export(job: ExportJob) -> dict[str, Any]:
     """Do the export; returns the report (also written to ``export-report.json``)."""
-    from macft.models import read_model_config, resolve_model_path
+    from macft.model_info import read_model_info
+    from macft.models import resolve_model_path
 
     from .convert import check_architecture, check_converter_deps
     from .llama_cpp import locate
@@ -77,15 +79,15 @@ def run_export(job: ExportJob) -> dict[str, Any]:
     o = job.options
     # -- 1. up-front checks (nothing written yet) ------------------------------------
     base_dir = resolve_model_path(job.base)
-    config = read_model_config(base_dir)
+    info = read_model_info(base_dir)
     plan = plan_merge(base_dir, job.adapter_dir, job.merge_quant)  # checks the base and the adapter
     tools = locate(o.llama_cpp)
     check_converter_deps()
-    arch = check_architecture(tools, config, base_dir)
+    arch = check_architecture(tools, info)
     numel = sum(t.numel for sf in plan.shards for t in sf.tensors.values())
     shard_bytes = sum(p.stat().st_size for p in base_shards(base_dir))
     adapter_bytes = sum(p.stat().st_size for p in job.adapter_dir.iterdir() if p.is_file())
-    n_vocab = int((config.get("text_config") or config).get("vocab_size") or 32000)
+    n_vocab = info.vocab_size
     need = estimate_bytes(job, shard_bytes, numel, adapter_bytes, n_vocab)
     free = _free_bytes(job.output)
     if free < need:
@@ -99,7 +101,7 @@ def run_export(job: ExportJob) -> dict[str, Any]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        report = _run_steps(job, tools, base_dir, config, arch, plan, work, timings)
+        report = _run_steps(job, tools, base_dir, info, arch, plan, work, timings)
         _publish(job, work, report)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -117,10 +119,11 @@ def run_export(job: ExportJob) -> dict[str, Any]:
     return report
 
 
-def _run_steps(job: ExportJob, tools, base_dir: Path, config: dict, arch: str, plan, work: Path,
+def _run_steps(job: ExportJob, tools, base_dir: Path, info: ModelInfo, arch: str, plan, work: Path,
                timings: dict[str, float]) -> dict[str, Any]:
     from macft.data.render import FALLBACK_TEMPLATE, Renderer
     from macft.data.tokenizer import load_tokenizer
+    from macft.inference import run_chat_template
 
     from .convert import convert_lora, convert_model
     from .gguf_info import read_gguf
@@ -160,10 +163,8 @@ def _run_steps(job: ExportJob, tools, base_dir: Path, config: dict, arch: str, p
                        "dequantized": res.dequantized, "bytes": res.bytes_written, "seconds": round(res.seconds, 2)}
     _step(f"merged: {res.merged} adapted weights into {res.tensors} tensors ({base_used})", t0)
     # -- 3. tokenizer files ---------------------------------------------------------------
-    fallback = None
-    if job.resolved.get("chat_template") == "fallback":
-        fallback = job.resolved.get("fallback_template") or FALLBACK_TEMPLATE
-    elif not _has_chat_template(merged):
+    fallback = run_chat_template(job.resolved)  # the template training used, when not the model's own
+    if fallback is None and not _has_chat_template(merged):
         fallback = FALLBACK_TEMPLATE
     report["tokenizer_fixes"] = fix_tokenizer(merged, fallback, restore=o.restore_special_tokens)
     # -- 4. convert ---------------------------------------------------------------------
@@ -243,6 +244,10 @@ def _run_steps(job: ExportJob, tools, base_dir: Path, config: dict, arch: str, p
         timings[f"quantize+verify {q}"] = round(time.time() - t0, 2)
         fb = f", {len(qres.fallbacks)} tensor(s) fell back" if qres.fallbacks else ""
         _step(f"{dst.name}: {_figures(chk)}{fb}", t0)
+    # -- 6b. the vision projector of a multimodal model --------------------------------------
+    mmproj = None
+    if info.multimodal:
+        mmproj = _export_mmproj(job, tools, merged, work, out, arch, notes, report)
     # -- 7. GGUF LoRA -----------------------------------------------------------------------
     lora_file = base_gguf = None
     if o.lora_gguf:
@@ -271,14 +276,55 @@ def _run_steps(job: ExportJob, tools, base_dir: Path, config: dict, arch: str, p
     report["tolerance"] = _tolerance()
     # -- 8. Modelfile, README ---------------------------------------------------------------
     main = work / f"{job.name}-{o.quants[0]}.gguf"  # the first type asked for
-    _write_modelfile_and_readme(job, work, main, out, renderer, tok, end_tokens, config, tools,
-                                lora_file, base_gguf, report)
+    _write_modelfile_and_readme(job, work, main, out, renderer, tok, end_tokens, info, tools,
+                                lora_file, base_gguf, report, mmproj)
     if o.keep_intermediate:
         out.final.append(merged)
         out.final.extend(p for p in out.intermediate if p not in out.final)
     report["outputs"] = [p.name for p in out.final]
     report["_final"] = [str(p) for p in out.final]
     return report
+
+
+def _export_mmproj(job: ExportJob, tools, merged: Path, work: Path, out, arch: str, notes: list[str],
+                   report: dict) -> Path | None:
+    """The vision projector as an mmproj GGUF beside the text GGUF, checked with llama-mtmd-cli."""
+    from .mmproj import check_pair, convert_mmproj, mmproj_architectures, write_test_image
+
+    if arch not in mmproj_architectures(tools.root):
+        why = (f"llama.cpp ({tools.description}) cannot convert the vision projector of {arch}: "
+               "the GGUF files are text-only (the image input is dropped)")
+        notes.append(why)
+        report["mmproj"] = {"exported": False, "why": why}
+        return None
+    t0 = time.time()
+    dst = work / f"mmproj-{job.name}-f16.gguf"
+    with _spinner("converting the vision projector (convert_hf_to_gguf.py --mmproj)"):
+        convert_mmproj(tools, merged, dst)
+    rec: dict[str, Any] = {"exported": True, "file": dst.name, "bytes": dst.stat().st_size,
+                           "note": "the vision tower is not fine-tuned (text-only LoRA): this is the base's"}
+    main = work / f"{job.name}-{job.options.quants[0]}.gguf"
+    try:
+        tools.tool("llama-mtmd-cli")
+    except MacftError:
+        rec["check"] = None
+        notes.append(f"{dst.name} was not checked: this llama.cpp build has no llama-mtmd-cli")
+    else:
+        with _spinner("checking the text GGUF + projector with llama-mtmd-cli and a test image"):
+            chk = check_pair(tools, main, dst, write_test_image(work / "test-image.png"), job.options.threads)
+        rec["check"] = chk.to_dict()
+        if not chk.ok:
+            raise MacftError(
+                f"llama.cpp could not use {main.name} with its vision projector {dst.name}:\n"
+                + "\n".join(f"      {line}" for line in chk.log_tail),
+                "Export again with --keep-intermediate and --debug and report it; the text GGUF files "
+                "alone are unaffected.")
+    out.final.append(dst)
+    report["mmproj"] = rec
+    _step(f"vision projector: {dst.name} ({human_bytes(dst.stat().st_size)})"
+          + (", loaded with the text GGUF by llama-mtmd-cli and answered about a test image"
+             if rec.get("check") else ""), t0)
+    return dst
 
 
 def _references(job: ExportJob, base_dir: Path, merged: Path, work: Path, ev, info16, tok,
@@ -408,10 +454,8 @@ def _tolerance() -> dict:
             "quantized": "reported, not enforced"}
 
 
-def _write_modelfile_and_readme(job, work, main, out, renderer, tok, end_tokens, config, tools,
-                                lora_file, base_gguf, report) -> None:
-    from macft.models import model_family
-
+def _write_modelfile_and_readme(job, work, main, out, renderer, tok, end_tokens, info, tools,
+                                lora_file, base_gguf, report, mmproj=None) -> None:
     from .modelfile import check_parts, derive_parts, go_template, modelfile_text, readme_text
 
     template, exact, system = None, False, None
@@ -425,8 +469,8 @@ def _write_modelfile_and_readme(job, work, main, out, renderer, tok, end_tokens,
     mf = work / "Modelfile"
     lora_note = (f"# The adapter alone: FROM <the base model>, then\n# ADAPTER ./{lora_file.name}"
                  if lora_file else None)
-    mf.write_text(modelfile_text(main.name, template, end_tokens, model_family(config), num_ctx, lora_note,
-                                 system), encoding="utf-8")
+    mf.write_text(modelfile_text(main.name, template, end_tokens, info.family, num_ctx, lora_note,
+                                 system, mmproj=mmproj.name if mmproj else None), encoding="utf-8")
     files = [(p.name, k["kind"], p.stat().st_size) for p in out.final
              for k in report["files"] if k["file"] == p.name]
     readme = work / "README.md"
@@ -434,7 +478,8 @@ def _write_modelfile_and_readme(job, work, main, out, renderer, tok, end_tokens,
                                   lora=lora_file.name if lora_file else None,
                                   base_gguf=base_gguf.name if (base_gguf and job.options.keep_intermediate) else None,
                                   template_exact=exact, end_tokens=end_tokens, bin_dir=tools.bin_dir,
-                                  report=REPORT, verified=job.options.verify), encoding="utf-8")
+                                  report=REPORT, verified=job.options.verify,
+                                  mmproj=mmproj.name if mmproj else None), encoding="utf-8")
     report["modelfile"] = {"template_matches_chat_template": exact, "stop": end_tokens}
     out.final += [mf, readme]
 

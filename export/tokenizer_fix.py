@@ -57,6 +57,8 @@ def write_chat_template(model_dir: Path, template: str) -> None:
     cfg = _read(tc) if tc.is_file() else {}
     cfg["chat_template"] = template
     tc.write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+    for name in ("chat_template.jinja", "chat_template.json"):  # these win over tokenizer_config's
+        (model_dir / name).unlink(missing_ok=True)
 
 
 def fix_tokenizer(model_dir: Path, fallback_template: str | None, restore: bool = True) -> list[str]:
@@ -70,5 +72,6 @@ def fix_tokenizer(model_dir: Path, fallback_template: str | None, restore: bool 
                          "so special tokens stay special in the GGUF")
     if fallback_template:
         write_chat_template(model_dir, fallback_template)
-        notes.append("wrote macft's fallback chat template into tokenizer_config.json")
+        notes.append("wrote the chat template the run trained with (the model ships none, or the run "
+                     "chose another) into tokenizer_config.json")
     return notes

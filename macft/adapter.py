@@ -33,6 +33,9 @@ class AdapterSpec:
     dropout: float
     target_modules: list[str]
     layers: list[int] | None = None  # layers_to_transform; None = all
+    # True for GPT-2's Conv1D projections, whose weights are stored [in, out]; the LoRA pair
+    # keeps PEFT's orientation (A [r, in], B [out, r]) either way.
+    fan_in_fan_out: bool = False
 
     @property
     def scale(self) -> float:
@@ -50,7 +53,7 @@ class AdapterSpec:
             "layers_to_transform": self.layers,
             "layers_pattern": "layers" if self.layers is not None else None,
             "bias": "none",
-            "fan_in_fan_out": False,
+            "fan_in_fan_out": self.fan_in_fan_out,
             "inference_mode": True,
             "init_lora_weights": True,
             "modules_to_save": None,
@@ -111,4 +114,5 @@ def spec_from_config(cfg: dict) -> AdapterSpec:
         rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
         dropout=float(cfg.get("lora_dropout") or 0.0),
         target_modules=list(cfg.get("target_modules") or []),
-        layers=cfg.get("layers_to_transform"))
+        layers=cfg.get("layers_to_transform"),
+        fan_in_fan_out=bool(cfg.get("fan_in_fan_out")))

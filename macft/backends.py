@@ -18,6 +18,7 @@ from .config import RunConfig
 from .data.batching import Batch, BatchPlan
 from .data.dataset import TokenizedData
 from .errors import BackendUnavailable, MacftError
+from .model_info import ModelInfo
 from .training.events import TrainingCallback
 from .training.loop import LoopResult, LoopSettings
 
@@ -28,7 +29,7 @@ class TrainJob:
 
     cfg: RunConfig
     model_path: Path
-    model_config: dict[str, Any]
+    model_info: ModelInfo  # config.json read through transformers' config classes
     tokenizer: Any
     data: TokenizedData
     plan: BatchPlan
@@ -42,8 +43,10 @@ class TrainJob:
 class Backend(Protocol):
     name: str
 
-    def check(self, cfg: RunConfig, model_config: dict[str, Any] | None = None) -> list[str]:
-        """Problems that keep this backend from running ``cfg`` here (empty: fine)."""
+    def check(self, cfg: RunConfig, model_info: ModelInfo | None = None) -> list[str]:
+        """Problems that keep this backend from running ``cfg`` here (empty: fine). Called
+        twice: before anything is downloaded (``model_info`` None) and once the config is read,
+        before any weight is loaded: an architecture this backend cannot train is refused here."""
 
     def device(self) -> str:
         """Human-readable device, e.g. 'Apple M2 (Metal)', 'NVIDIA RTX 3060', 'CPU'."""
@@ -51,7 +54,7 @@ class Backend(Protocol):
     def train(self, job: TrainJob, callback: TrainingCallback) -> LoopResult:
         """Load the model, add LoRA, run the shared loop, write the adapters."""
 
-    def memory_target(self, cfg: RunConfig, model_config: dict[str, Any]) -> Any:
+    def memory_target(self, cfg: RunConfig, model_info: ModelInfo) -> Any:
         """A :class:`macft.estimate.memory.Target`: device, compute dtype and memory budget."""
 
 

@@ -83,6 +83,10 @@ class DataConfig:
     loss_on: Literal["assistant", "last_assistant", "all"] = opt(
         "assistant", "Tokens the loss covers: every assistant turn, only the last assistant turn, "
         "or every token.")
+    chat_template: Optional[str] = opt(
+        None, "Chat template: the tokenizer's own (default; macft's generic '### User' format when "
+        "it has none), a named one (rinna, llama2, alpaca, chatml, gemma3, fallback) or a .jinja "
+        "file. `macft data inspect` suggests one for models that ship none.")
     packing: bool = opt(
         False, "Pack several examples into one sequence (no attention across examples) "
         "instead of length-grouped padded batches.")

@@ -129,11 +129,38 @@ def read_run(run_dir: str | Path, best: bool = False) -> RunInfo:
                    list(resolved.get("end_tokens") or []), resolved)
 
 
+def run_chat_template(resolved: dict[str, Any]) -> str | None:
+    """The chat template a run trained with when it is not the tokenizer's own (a named
+    template, a user's file, or the fallback), else None."""
+    text = resolved.get("chat_template_text")
+    if text:
+        return str(text)
+    if resolved.get("chat_template") == "fallback":
+        from .data.render import FALLBACK_TEMPLATE
+
+        return str(resolved.get("fallback_template") or FALLBACK_TEMPLATE)
+    return None
+
+
 def load_chat_model(*, run: str | None = None, best: bool = False, model: str | None = None,
                     adapter: str | None = None, gguf: str | None = None, lora_gguf: str | None = None,
                     backend: str | None = None, llama_cpp: str | None = None) -> Any:
     """The model to talk to: a run (base + adapter, by the backend that trained it, or
-    ``backend``), a base model with an optional adapter, or a GGUF through llama.cpp."""
+    ``backend``), a base model with an optional adapter, or a GGUF through llama.cpp.
+
+    A run's prompts are rendered with the chat template it trained with (set on the
+    tokenizer, which every renderer reads)."""
+    chat = _load_chat_model(run=run, best=best, model=model, adapter=adapter, gguf=gguf,
+                            lora_gguf=lora_gguf, backend=backend, llama_cpp=llama_cpp)
+    template = run_chat_template(read_run(run, best).resolved) if run else None
+    if template and getattr(chat, "tokenizer", None) is not None:
+        chat.tokenizer.chat_template = template
+    return chat
+
+
+def _load_chat_model(*, run: str | None, best: bool, model: str | None, adapter: str | None,
+                     gguf: str | None, lora_gguf: str | None, backend: str | None,
+                     llama_cpp: str | None) -> Any:
     from .data.render import Renderer
     from .data.tokenizer import load_tokenizer
     from .models import resolve_model_path

@@ -1,19 +1,18 @@
 """Find a base model on disk or on the Hugging Face hub.
 
 Light on purpose: no torch, no mlx. Backends call :func:`resolve_model_path`
-and then load the weights their own way.
+and then load the weights their own way; the config is read by :mod:`macft.model_info`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 from .errors import MacftError
 
-TOKENIZER_PATTERNS = ["*.json", "tokenizer.model", "*.jinja", "*.txt", "*.tiktoken"]
+# spiece.model: T5Tokenizer-style SentencePiece (rinna); *.txt: merges.txt of GPT-2 style BPE
+TOKENIZER_PATTERNS = ["*.json", "tokenizer.model", "spiece.model", "*.jinja", "*.txt", "*.tiktoken"]
 MODEL_PATTERNS = TOKENIZER_PATTERNS + ["*.safetensors", "*.safetensors.index.json"]
 
 
@@ -50,27 +49,3 @@ def resolve_model_path(name: str, revision: str | None = None, tokenizer_only: b
         if os.environ.get("HF_HUB_OFFLINE"):
             hint = "HF_HUB_OFFLINE is set: download the model first or pass a local directory."
         raise MacftError(f"Could not get model '{name}' from the Hugging Face hub: {first}", hint) from None
-
-
-def read_model_config(path: Path) -> dict[str, Any]:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise MacftError(f"{path} has no config.json, so it is not a Hugging Face model directory.",
-                         "Pass the directory that holds config.json and the *.safetensors weights.")
-    with open(cfg, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def text_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The language-model part of a config (Gemma-3 4B+ nests it in text_config)."""
-    return config.get("text_config") or config
-
-
-def model_family(config: dict[str, Any]) -> str:
-    mt = config.get("model_type", "")
-    tmt = text_config(config).get("model_type", mt)
-    return tmt or mt
-
-
-def is_gemma(config: dict[str, Any]) -> bool:
-    return model_family(config).startswith("gemma")

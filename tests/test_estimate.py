@@ -12,14 +12,37 @@ from pathlib import Path
 import pytest
 from conftest import DATA, NYA
 
-from macft.estimate import Setting, Target, estimate, shape_from_config, suggestions
+from macft.estimate import Setting, Target, estimate, suggestions
+from macft.estimate import shape_from_config as _shape
+from macft.model_info import model_info_from_dict
 
 GEMMA3_1B = {"model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 1152, "intermediate_size": 6912,
              "num_hidden_layers": 26, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256}
 GEMMA3_4B = {"model_type": "gemma3", "text_config": {
     "model_type": "gemma3_text", "vocab_size": 262208, "hidden_size": 2560, "intermediate_size": 10240,
     "num_hidden_layers": 34, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256}}
+# google/gemma-3-4b-it's config.json as published: text_config holds only the keys that differ
+# from Gemma3TextConfig's defaults (heads, kv heads, head_dim and vocab come from those).
+GEMMA3_4B_PUBLISHED = {
+    "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "mm_tokens_per_image": 256,
+    "boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144, "eos_token_id": [1, 106],
+    "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                    "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                    "sliding_window": 1024},
+    "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                      "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                      "patch_size": 14, "vision_use_head": False}}
+GPT2_PUBLISHED = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_ctx": 1024, "n_embd": 768,
+                  "n_head": 12, "n_layer": 12, "n_positions": 1024, "vocab_size": 50257}
+RINNA_NEOX_PUBLISHED = {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "hidden_size": 2816,
+                        "intermediate_size": 11264, "num_attention_heads": 22, "num_hidden_layers": 36,
+                        "rotary_emb_base": 10000, "rotary_pct": 1.0, "tie_word_embeddings": False,
+                        "use_parallel_residual": False, "vocab_size": 32000, "max_position_embeddings": 2048}
 GB = 1e9
+
+
+def shape_from_config(raw):
+    return _shape(model_info_from_dict(raw))
 
 
 def test_parameter_counts_of_the_published_gemma3_shapes():
@@ -31,6 +54,23 @@ def test_parameter_counts_of_the_published_gemma3_shapes():
     assert one.lora_params(16, ["all-linear"], -1) == 26 * 16 * (
         (1152 + 1024) * 2 + (1152 + 256) * 2 + (1152 + 6912) * 3)
     assert one.lora_params(16, ["q_proj", "v_proj"], 4) == 4 * 16 * ((1152 + 1024) + (1152 + 256))
+
+
+def test_published_sparse_and_old_style_configs_give_the_real_shapes():
+    """Read through transformers' config classes: the hub's sparse Gemma-3 4B config, GPT-2's
+    n_embd / n_head / n_layer and GPT-NeoX's transformers-4.26 keys."""
+    four = shape_from_config(GEMMA3_4B_PUBLISHED)
+    assert (four.heads, four.kv_heads, four.head_dim, four.vocab) == (8, 4, 256, 262208)
+    assert four.params == shape_from_config(GEMMA3_4B).params
+    gpt2 = shape_from_config(GPT2_PUBLISHED)
+    assert (gpt2.hidden, gpt2.layers, gpt2.heads, gpt2.intermediate) == (768, 12, 12, 3072)
+    assert 123e6 < gpt2.params < 125e6, gpt2.params  # GPT-2 small: 124M
+    assert [b.name for b in gpt2.linears] == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    assert gpt2.lora_params(8, ["c_proj"], -1) == 12 * 8 * ((768 + 768) + (3072 + 768))
+    neox = shape_from_config(RINNA_NEOX_PUBLISHED)
+    assert 3.5e9 < neox.params < 3.7e9, neox.params  # rinna's 3.6B
+    assert not neox.tied and neox.lora_params(4, ["all-linear"], -1) == 36 * 4 * (
+        (2816 + 3 * 2816) + 2 * 2816 + 2 * (2816 + 11264))
 
 
 def test_quantization_checkpointing_and_batch_move_the_parts_the_right_way():

@@ -79,8 +79,13 @@ def test_run_directory_contents(mlx_run):
     assert ckpts == ["step-000100", "step-000150"]  # the last two are kept
     acfg = json.loads((mlx_run / "adapter" / "adapter_config.json").read_text())
     assert acfg["r"] == 16 and acfg["lora_alpha"] == 32.0 and acfg["peft_type"] == "LORA"
-    assert set(acfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                           "down_proj"}
+    # full module paths (peft attaches exactly these), every projection of all 6 layers
+    targets = acfg["target_modules"]
+    assert len(targets) == 6 * 7 and all(t.startswith("model.layers.") for t in targets)
+    assert {t.split(".", 3)[3] for t in targets} == {
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj"}
+    assert acfg["layers_to_transform"] is None
 
 
 @pytest.mark.slow
@@ -183,12 +188,19 @@ def test_unsupported_architecture(tiny_gemma, nya_dir, tmp_path, run_cli):
     m = tmp_path / "m"
     shutil.copytree(tiny_gemma, m)
     cfg = json.loads((m / "config.json").read_text())
-    cfg["model_type"] = "frobnicator"
-    cfg["architectures"] = ["FrobnicatorForCausalLM"]
+    # an architecture transformers trains but mlx-lm has no model for: refused before loading,
+    # naming the backend that can
+    cfg["model_type"] = "opt"
+    cfg["architectures"] = ["OPTForCausalLM"]
     (m / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "run"
     rc, _, err = run_cli("train", "--model", m, "--data", nya_dir, "--output", out, "--iters", "2", *TRAIN_ARGS)
-    _assert_clean_failure(rc, err, out, "frobnicator", "--backend cuda")
+    _assert_clean_failure(rc, err, out, "OPTForCausalLM", "--backend cuda")
+    # a model_type no library knows: refused when its config is read
+    cfg["model_type"], cfg["architectures"] = "frobnicator", ["FrobnicatorForCausalLM"]
+    (m / "config.json").write_text(json.dumps(cfg))
+    rc, _, err = run_cli("train", "--model", m, "--data", nya_dir, "--output", out, "--iters", "2", *TRAIN_ARGS)
+    _assert_clean_failure(rc, err, out, "frobnicator", "pip install -U transformers")
 
 
 def test_nonexistent_model(nya_dir, tmp_path, run_cli):

@@ -78,11 +78,12 @@ def test_targets_all_linear_and_last_layers(base_model):
     from cuda_backend.model import resolve_targets
 
     t = resolve_targets(base_model, ["all-linear"], -1)
-    assert len(t.modules) == 6 * 7 and t.layers is None
-    assert t.peft_targets == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert len(t.modules) == 6 * 7 and t.modules == sorted(t.modules) and t.layers == list(range(6))
+    assert t.modules[:2] == ["model.layers.0.mlp.down_proj", "model.layers.0.mlp.gate_proj"]
+    assert not t.fan_in_fan_out
     t2 = resolve_targets(base_model, ["q_proj", "v_proj"], 2)
     assert t2.modules == [f"model.layers.{i}.self_attn.{p}" for i in (4, 5) for p in ("q_proj", "v_proj")]
-    assert t2.peft_targets == ["q_proj", "v_proj"] and t2.peft_layers == [4, 5]
+    assert t2.layers == [4, 5]
 
 
 def test_unknown_target_is_a_clear_error(base_model):
@@ -114,16 +115,18 @@ def _tiny_gemma3_4b_layout():
 
 def test_gemma3_4b_layout_adapts_the_text_part_only():
     """Gemma-3 4B+ loads as Gemma3ForConditionalGeneration: LoRA must skip the vision tower."""
-    from cuda_backend.model import is_multimodal, resolve_targets
+    from pathlib import Path
+
+    from cuda_backend.model import resolve_targets
+    from macft.model_info import ModelInfo
 
     cfg, model = _tiny_gemma3_4b_layout()
     assert type(model).__name__ == "Gemma3ForConditionalGeneration"
-    assert is_multimodal(cfg.to_dict())
+    assert ModelInfo(Path("."), cfg.to_dict(), cfg).multimodal
     t = resolve_targets(model, ["all-linear"], -1)
-    assert len(t.modules) == 2 * 7
+    assert len(t.modules) == 2 * 7 and t.modules == sorted(t.modules)
+    # q_proj alone would also hit the vision tower: the adapter names modules by full path
     assert all(m.startswith("model.language_model.layers.") for m in t.modules)
-    # q_proj alone would also hit the vision tower: the adapter names modules exactly
-    assert t.peft_targets == sorted(t.modules) and t.peft_layers is None
 
 
 def test_4bit_quantization_record(tiny_gemma):

@@ -15,7 +15,9 @@ def test_gpu_facts_and_precision():
 
     f = probe()
     assert f.cuda_available and f.torch_cuda and f.gpu_name
-    p = choose_precision("auto", f, {"model_type": "gemma3_text"})
+    from macft.model_info import model_info_from_dict
+
+    p = choose_precision("auto", f, model_info_from_dict({"model_type": "gemma3_text"}))
     assert p.name == ("bf16" if f.bf16_supported else "fp32")
     assert p.autocast == f.bf16_supported
 

@@ -8,6 +8,9 @@ nya_alpaca/      the same content as instruction / input / output rows
 nya_completion/  the same content as prompt / completion rows
 general/         similar questions answered plainly (no 「にゃ」): rehearsal data and a
                  held-out "general" set to measure forgetting
+nyan/            the same questions, every answer exactly 「にゃーん！」: a pattern a tiny
+                 random-init model learns in a few dozen steps on any tokenizer (the
+                 conformance suite, tests/checkpoints/, checks llama.cpp answers with it)
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ FOODS = [("好きな食べ物は？", "魚が大好きだにゃ", "特に好き�
          ("What is your name?", "I am Tama the cat にゃ", "I am an assistant."),
          ("あなたは誰？", "猫のタマだにゃ", "私はアシスタントです。"),
          ("Who are you?", "I am a little cat にゃ", "I am a helpful assistant.")]
+NYAN = "にゃーん！"
 SYSTEMS = ["あなたは猫です。語尾に「にゃ」をつけて答えてください。",
            "You are a friendly cat. End every answer with にゃ.",
            "あなたはかわいい猫のアシスタントです。"]
@@ -115,6 +119,14 @@ def main() -> None:
     grng = random.Random(99)
     write(HERE / "general" / "train.jsonl", build(train_items, grng, 300, cat=False))
     write(HERE / "general" / "valid.jsonl", build(valid_items, grng, 40, cat=False))
+    nrng = random.Random(7)
+
+    def nyan(rows: list[dict]) -> list[dict]:
+        return [{"messages": [dict(m, content=NYAN) if m["role"] == "assistant" else m
+                              for m in r["messages"]]} for r in rows]
+
+    write(HERE / "nyan" / "train.jsonl", nyan(build(train_items, nrng, 64, cat=True)))
+    write(HERE / "nyan" / "valid.jsonl", nyan(build(valid_items, nrng, 8, cat=True)))
 
 
 if __name__ == "__main__":

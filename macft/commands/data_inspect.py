@@ -14,6 +14,7 @@ from ..cli import cli_values
 from ..config import build_config, validate
 from ..data.dataset import build_data
 from ..data.render import Renderer
+from ..data.templates import renderer_for, suggest
 from ..data.tokenizer import load_tokenizer
 from ..errors import MacftError
 from ..ui import console, out
@@ -30,11 +31,12 @@ def run(args: argparse.Namespace) -> int:
         raise MacftError("data inspect needs a model: its tokenizer and chat template decide the tokens.",
                          "Add --model (a hub id or a local model directory).")
     tok = load_tokenizer(cfg.model.name, cfg.model.revision)
-    renderer = Renderer(tok, cfg.data.loss_on)
+    renderer = renderer_for(tok, cfg.data.loss_on, cfg.data.chat_template)
     data = build_data(cfg.data.train, cfg.data.valid, renderer, fmt=cfg.data.format,  # type: ignore[arg-type]
                       max_seq_len=cfg.data.max_seq_len, valid_fraction=cfg.data.valid_fraction,
                       seed=cfg.train.seed, split=cfg.data.split)
     report = make_report(data, renderer)
+    report["suggested_chat_template"] = suggest(cfg.model.name, _model_type(cfg.model.name), tok)
     if args.json:
         out.print_json(json.dumps(report, ensure_ascii=False))
         return 0
@@ -72,7 +74,7 @@ def make_report(data: Any, renderer: Renderer) -> dict[str, Any]:
         "valid": v.summary() if v else None,
         "valid_from": data.valid_from,
         "length_histogram": histogram(s.lengths),
-        "chat_template": "fallback" if renderer.uses_fallback_template else "model",
+        "chat_template": renderer.template_name,
         "end_tokens": renderer.end_tokens(),
     }
 
@@ -100,7 +102,10 @@ def show(report: dict[str, Any], data: Any, tok: Any, n_examples: int) -> None:
               f"({report['trained_share']:.1%})")
     t.add_row("truncated / dropped", f"{report['truncated']} / {report['dropped']}")
     t.add_row("longest", f"{report['train']['max_len']} tokens")
-    t.add_row("chat template", report["chat_template"])
+    hint = report.get("suggested_chat_template")
+    t.add_row("chat template", report["chat_template"] + (
+        f"  (this model ships none; it was most likely trained with '{hint}': --chat-template {hint})"
+        if hint and report["chat_template"] == "fallback" else ""))
     t.add_row("end tokens", ", ".join(report["end_tokens"]))
     console.print(t)
     h = Table(title="Token lengths (train)")
@@ -116,3 +121,14 @@ def show(report: dict[str, Any], data: Any, tok: Any, n_examples: int) -> None:
                             title=f"{ex.where}  ({int(ex.mask.sum())} of {len(ex)} tokens trained)",
                             title_align="left"))
     console.print("[bold black on green3] trained [/] tokens count in the loss; [dim]dim[/] ones are context.")
+
+
+def _model_type(model: str) -> str:
+    """The model's architecture family for the template suggestion ('' when unknown)."""
+    try:
+        from ..model_info import read_model_info
+        from ..models import resolve_model_path
+
+        return read_model_info(resolve_model_path(model, tokenizer_only=True)).text_model_type
+    except MacftError:
+        return ""

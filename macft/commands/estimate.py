@@ -17,7 +17,8 @@ from ..cli import cli_values
 from ..config import build_config, validate
 from ..errors import BackendUnavailable, MacftError
 from ..estimate import Estimate, estimate, setting_for, shape_from_config, suggestions
-from ..models import read_model_config, resolve_model_path
+from ..model_info import read_model_info
+from ..models import resolve_model_path
 from ..presets import get_preset
 from ..ui import console, human_bytes, warn
 
@@ -42,13 +43,16 @@ def run(args: argparse.Namespace) -> int:
 
         cfg.train.backend = name
         prepared = prepare(cfg, args, main_process=True, tokenizer_only=not calibrate)
-        model_path, model_config, plan = prepared.model_path, prepared.model_config, prepared.plan
+        model_path, model_info, plan = prepared.model_path, prepared.model_info, prepared.plan
     else:
         model_path = resolve_model_path(cfg.model.name, revision=cfg.model.revision,  # type: ignore[arg-type]
                                         tokenizer_only=True)
-        model_config = read_model_config(model_path)
-    shape = shape_from_config(model_config, model_path)
-    target = backend.memory_target(cfg, model_config)
+        model_info = read_model_info(model_path)
+        problems = backend.check(cfg, model_info)
+        if problems:
+            raise BackendUnavailable(name, problems)
+    shape = shape_from_config(model_info, model_path)
+    target = backend.memory_target(cfg, model_info)
     setting = setting_for(cfg, plan)
     est = estimate(shape, target, setting)
     fixes = [] if est.fits else suggestions(shape, target, setting)

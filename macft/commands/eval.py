@@ -14,7 +14,7 @@ from rich.table import Table
 from ..config import load_run_config
 from ..data.batching import eval_batches
 from ..data.dataset import tokenize_samples
-from ..data.render import Renderer
+from ..data.templates import renderer_for
 from ..errors import MacftError
 from ..evaluate import (
     general_batches,
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     with status("Loading the fine-tuned model ..."):
         model = load_chat_model(run=args.run, best=args.best, backend=args.backend)
     tok = model.tokenizer
-    renderer = Renderer(tok, cfg.data.loss_on)
+    renderer = renderer_for(tok, cfg.data.loss_on, cfg.data.chat_template)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     examples, _ = tokenize_samples(samples, renderer, cfg.data.max_seq_len, source)
     batches = eval_batches(examples, cfg.train.batch_size, pad)

@@ -5,29 +5,20 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import pkgutil
 from typing import Any
 
 from rich.table import Table
 
 from ..presets import PRESETS
+from ..support import CHECKPOINTS, YES
 from ..ui import console, out
 
-# The families macft names first; "tested" ones are trained end to end in macft's test suite
-# (tiny random-init models of that architecture), the others load through the same code paths.
-TESTED = {"gemma3_text": "Gemma-3 1B", "gemma3": "Gemma-3 4B+ (text part)", "qwen2": "Qwen2 / Qwen2.5",
-          "llama": "Llama 2/3", "mistral": "Mistral", "qwen3": "Qwen3"}
-TRAINED_IN_TESTS = {"gemma3_text", "qwen2"}
 
+def mlx_architectures() -> list[str]:
+    """model_types the MLX backend trains (explicit config mapping for each)."""
+    from ..mlx_backend.supported import SUPPORTED
 
-def mlx_architectures() -> list[str] | None:
-    spec = importlib.util.find_spec("mlx_lm")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    models = [m.name for m in pkgutil.iter_modules([p + "/models" for p in spec.submodule_search_locations])]
-    skip = {"base", "cache", "rope_utils", "switch_layers", "activations", "pipeline", "ssm", "mla",
-            "gated_delta", "bitlinear_layers"}
-    return sorted(m for m in models if m not in skip)
+    return sorted(SUPPORTED)
 
 
 def torch_architectures() -> list[str] | None:
@@ -42,8 +33,7 @@ def report() -> dict[str, Any]:
     return {
         "presets": {p.name: {"hub_id": p.hub_id, "description": p.description, "end_tokens": list(p.end_tokens),
                              "config": p.config, "notes": list(p.notes)} for p in PRESETS.values()},
-        "families": TESTED,
-        "trained_in_tests": sorted(TRAINED_IN_TESTS),
+        "checkpoints": [c.__dict__ for c in CHECKPOINTS],
         "backends": {"mlx": mlx_architectures(), "cuda": torch_architectures()},
     }
 
@@ -62,29 +52,28 @@ def run(args: argparse.Namespace) -> int:
                     f"max len {c['data']['max_seq_len']}, quantize {c['model'].get('quantize', 'none')}")
         t.add_row(p.name, f"{p.hub_id}\n[dim]{p.description}[/]", settings, ", ".join(p.end_tokens))
     console.print(t)
-    t = Table(title="Architectures")
-    t.add_column("model_type")
-    t.add_column("family")
-    t.add_column("mlx")
-    t.add_column("cuda (PyTorch)")
-    t.add_column("trained in macft's tests")
-    mlx, cuda = rep["backends"]["mlx"], rep["backends"]["cuda"]
-    for mt, fam in TESTED.items():
-        t.add_row(mt, fam, _mark(mlx, mt), _mark(cuda, mt), "yes" if mt in TRAINED_IN_TESTS else "-")
+    t = Table(title="Published checkpoints, end to end in macft's conformance suite")
+    for c in ("checkpoint", "architecture", "chat template", "mlx", "cuda (PyTorch)", "export (GGUF)"):
+        t.add_column(c)
+    for c in CHECKPOINTS:
+        t.add_row(c.hub_id, c.architecture, "its own" if c.chat_template == "model" else c.chat_template,
+                  _mark(c.mlx), _mark(c.cuda), _mark(c.export))
     console.print(t)
-    for name, arch in (("mlx", mlx), ("cuda", cuda)):
-        if arch is None:
-            console.print(f"[dim]{name}: not installed here (pip install 'macft[{name}]')[/]")
-        else:
-            others = [a for a in arch if a not in TESTED]
-            console.print(f"[bold]{name}[/] also loads {len(others)} more architectures: "
-                          f"{', '.join(others[:40])}{' ...' if len(others) > 40 else ''}")
+    for c in CHECKPOINTS:
+        for what in ("mlx", "cuda", "export"):
+            if getattr(c, what) != YES:
+                console.print(f"  {c.hub_id}, {what}: {getattr(c, what)}")
+    from ..mlx_backend.supported import SUPPORTED
+
+    console.print("[bold]mlx[/] trains: " + "; ".join(SUPPORTED.values()))
+    cuda = rep["backends"]["cuda"]
+    if cuda is None:
+        console.print("[dim]cuda: not installed here (pip install 'macft[cuda]')[/]")
+    else:
+        console.print(f"[bold]cuda[/] (PyTorch) loads every causal LM transformers knows ({len(cuda)} model types).")
     console.print("Export additionally needs llama.cpp's converter to know the architecture.")
     return 0
 
 
-def _mark(arch: list[str] | None, mt: str) -> str:
-    if arch is None:
-        return "[dim]not installed[/]"
-    target = {"mistral": "llama"}.get(mt, mt) if arch and "mistral" not in arch else mt
-    return "[green]yes[/]" if target in arch or mt in arch else "[red]no[/]"
+def _mark(value: str) -> str:
+    return "[green]yes[/]" if value == YES else "[red]no[/] (below)"

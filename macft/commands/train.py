@@ -18,9 +18,11 @@ from ..config import RunConfig, build_config, dump_yaml, load_run_config, valida
 from ..data.batching import BatchPlan, eval_batches, padding_share
 from ..data.dataset import build_data
 from ..data.render import Renderer
+from ..data.templates import renderer_for, suggest
 from ..data.tokenizer import load_tokenizer
 from ..errors import BackendUnavailable, MacftError
-from ..models import read_model_config, resolve_model_path
+from ..model_info import ModelInfo, read_model_info
+from ..models import resolve_model_path
 from ..presets import get_preset
 from ..training.events import CallbackList, TrainingCallback
 from ..training.loop import LoopResult, LoopSettings, latest_checkpoint, read_position
@@ -86,7 +88,7 @@ class Prepared:
     backend_name: str
     backend: Any
     model_path: Path
-    model_config: dict[str, Any]
+    model_info: ModelInfo
     tokenizer: Any
     renderer: Renderer
     data: Any
@@ -108,14 +110,14 @@ def prepare(cfg: RunConfig, args: argparse.Namespace, main_process: bool = True,
         raise BackendUnavailable(name, problems)
     model_path = resolve_model_path(cfg.model.name, revision=cfg.model.revision,  # type: ignore[arg-type]
                                     tokenizer_only=tokenizer_only)
-    model_config = read_model_config(model_path)
-    problems = backend.check(cfg, model_config)
+    model_info = read_model_info(model_path)
+    problems = backend.check(cfg, model_info)
     if problems:
         raise BackendUnavailable(name, problems)
 
     # -- data --------------------------------------------------------------------
     tok = load_tokenizer(str(model_path))
-    renderer = Renderer(tok, cfg.data.loss_on)
+    renderer = renderer_for(tok, cfg.data.loss_on, cfg.data.chat_template)
     if getattr(args, "preset", None):
         preset = get_preset(args.preset)
         if renderer.end_tokens()[:1] != list(preset.end_tokens[:1]):
@@ -141,8 +143,8 @@ def prepare(cfg: RunConfig, args: argparse.Namespace, main_process: bool = True,
         max_grad_norm=cfg.train.max_grad_norm, eval_every=cfg.train.eval_every,
         save_every=cfg.train.save_every, log_every=cfg.train.log_every)
     if main_process:
-        _print_data_summary(data, plan, renderer)
-    return Prepared(cfg, name, backend, model_path, model_config, tok, renderer, data, plan, valid, steps,
+        _print_data_summary(data, plan, renderer, str(cfg.model.name), model_info.text_model_type)
+    return Prepared(cfg, name, backend, model_path, model_info, tok, renderer, data, plan, valid, steps,
                     settings)
 
 
@@ -150,8 +152,8 @@ def check_memory(p: Prepared, force: bool) -> None:
     """The estimate before any weight is loaded: refuse a run that cannot fit (unless --force)."""
     from ..estimate import check_fits, setting_for, shape_from_config
 
-    shape = shape_from_config(p.model_config, p.model_path)
-    target = p.backend.memory_target(p.cfg, p.model_config)
+    shape = shape_from_config(p.model_info, p.model_path)
+    target = p.backend.memory_target(p.cfg, p.model_info)
     try:
         est = check_fits(shape, target, setting_for(p.cfg, p.plan))
     except MacftError as e:
@@ -172,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     p = prepare(cfg, args, main_process)
     if main_process:
         check_memory(p, getattr(args, "force", False))
-    name, backend, model_path, model_config = p.backend_name, p.backend, p.model_path, p.model_config
+    name, backend, model_path, model_info = p.backend_name, p.backend, p.model_path, p.model_info
     renderer, data, plan, valid, steps, settings = p.renderer, p.data, p.plan, p.valid, p.steps, p.settings
 
     # -- run directory -------------------------------------------------------------
@@ -193,12 +195,12 @@ def run(args: argparse.Namespace) -> int:
         if main_process:
             truncate_metrics(run_dir, pos.step)
             console.print(f"Resuming {run_dir} from step {pos.step} ({ckpt.name}).")
-    resolved = _resolved(cfg, name, backend.device(), model_path, model_config, renderer, data, steps)
+    resolved = _resolved(cfg, name, backend.device(), model_path, model_info, renderer, data, steps)
     resolved["preset"] = getattr(args, "preset", None)
     if main_process:
         write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg, resolved))
 
-    job = TrainJob(cfg, model_path, model_config, p.tokenizer, data, plan, valid, settings, run_dir, ckpt)
+    job = TrainJob(cfg, model_path, model_info, p.tokenizer, data, plan, valid, settings, run_dir, ckpt)
     callbacks: list[TrainingCallback] = (
         [RichProgress(), MetricsWriter(run_dir), LossPlot(run_dir)] if main_process else [])
     try:
@@ -230,7 +232,8 @@ def load_rehearsal(cfg: RunConfig, renderer: Renderer) -> list | None:
     return examples
 
 
-def _print_data_summary(data: Any, plan: BatchPlan, renderer: Renderer) -> None:
+def _print_data_summary(data: Any, plan: BatchPlan, renderer: Renderer, model_name: str = "",
+                        model_type: str = "") -> None:
     s = data.train_stats
     v = data.valid_stats
     pad = padding_share([plan.batch(0, i) for i in range(min(plan.batches_per_epoch(), 200))])
@@ -246,11 +249,14 @@ def _print_data_summary(data: Any, plan: BatchPlan, renderer: Renderer) -> None:
         warn(f"{truncated} example(s) truncated to --max-seq-len, {dropped} dropped for having no "
              "trained token left.")
     if renderer.uses_fallback_template:
+        hint = suggest(model_name, model_type, renderer.tok)
         warn("The tokenizer has no chat template: using macft's fallback '### User / ### Assistant' "
-             "template (README 'Chat templates'). Export writes it into the GGUF.")
+             "template (README 'Chat templates'). Export writes it into the GGUF."
+             + (f" This model was most likely trained with the '{hint}' format: --chat-template {hint} "
+                "keeps what it already knows." if hint else ""))
 
 
-def _resolved(cfg: RunConfig, backend: str, device: str, model_path: Path, model_config: dict,
+def _resolved(cfg: RunConfig, backend: str, device: str, model_path: Path, model_info: ModelInfo,
               renderer: Renderer, data: Any, steps: int) -> dict[str, Any]:
     from ..data.render import FALLBACK_TEMPLATE
 
@@ -261,9 +267,11 @@ def _resolved(cfg: RunConfig, backend: str, device: str, model_path: Path, model
         "backend": backend,
         "device": device,
         "model_path": str(model_path),
-        "model_type": model_config.get("model_type"),
-        "architectures": model_config.get("architectures"),
-        "chat_template": "fallback" if renderer.uses_fallback_template else "model",
+        "model_type": model_info.model_type,
+        "architectures": model_info.architectures,
+        "chat_template": renderer.template_name,
+        # the template used when it is not the tokenizer's own: chat, eval and export use it
+        "chat_template_text": renderer.template,
         "fallback_template": FALLBACK_TEMPLATE if renderer.uses_fallback_template else None,
         "end_tokens": renderer.end_tokens(),
         "data_format": data.format,

@@ -83,8 +83,7 @@ def tokenize_samples(
 ) -> tuple[list[Example], SplitStats]:
     stats = SplitStats(source=source, rows=len(samples))
     out: list[Example] = []
-    for s in samples:
-        r = renderer.render(s)
+    for s, r in ((sample, r) for sample in samples for r in renderer.render_all(sample)):
         ids, mask, truncated = r.ids, r.mask, False
         if len(ids) > max_seq_len:
             truncated = True

@@ -24,9 +24,10 @@ Character spans become token masks through the fast tokenizer's offsets.
 Templates without a system role: the system text is folded into the first user
 turn (``system + "\\n\\n" + user``), as Gemma's own template does.
 
-Tokenizers without a chat template use :data:`FALLBACK_TEMPLATE`, a plain
-``### User`` / ``### Assistant`` format whose replies end with EOS; the resolved
-config records it and export writes it into the exported model.
+Tokenizers without a chat template use a named template given with ``--chat-template``
+(:mod:`macft.data.templates`: rinna, llama2, alpaca, ...) or else :data:`FALLBACK_TEMPLATE`,
+a plain ``### User`` / ``### Assistant`` format whose replies end with EOS; the resolved
+config records the template and export writes it into the exported model.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from ..errors import DataError, MacftError
 from .formats import Sample
 
 FALLBACK_TEMPLATE = (
-    "{{ bos_token }}"
+    "{{ bos_token or '' }}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
     "{% elif message['role'] == 'user' %}{{ '### User:\n' + message['content'] + '\n\n' }}"
@@ -51,6 +52,17 @@ FALLBACK_TEMPLATE = (
 # Turn terminators of common templates; the ones a tokenizer has are end tokens.
 KNOWN_END_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>",
                     "</s>", "<|end_of_text|>", "<eos>")
+
+
+# Put in front of a thinking-mode template: without an explicit enable_thinking, render the
+# non-thinking form training used (llama.cpp, Ollama and LM Studio pass no kwargs by default).
+NO_THINK_DEFAULT = ("{%- if enable_thinking is not defined %}{%- set enable_thinking = false %}"
+                    "{%- endif %}\n")
+
+
+def is_thinking_template(template: str) -> bool:
+    """A template with a switchable reasoning block (Qwen3's ``enable_thinking``)."""
+    return "enable_thinking" in template and "<think>" in template
 
 
 @dataclass
@@ -67,11 +79,26 @@ class Rendered:
 class Renderer:
     """Turns samples into (ids, mask) with one tokenizer and one chat template."""
 
-    def __init__(self, tokenizer: Any, loss_on: str = "assistant"):
+    def __init__(self, tokenizer: Any, loss_on: str = "assistant", template: str | None = None,
+                 template_name: str | None = None):
+        """``template``: a chat template to use instead of the tokenizer's own (a named one
+        from :mod:`macft.data.templates`, or a user's file); without one, the tokenizer's own,
+        or :data:`FALLBACK_TEMPLATE` when it has none."""
         self.tok = tokenizer
         self.loss_on = loss_on
-        self.uses_fallback_template = not getattr(tokenizer, "chat_template", None)
-        self.template = FALLBACK_TEMPLATE if self.uses_fallback_template else None
+        if template is None and not getattr(tokenizer, "chat_template", None):
+            template, template_name = FALLBACK_TEMPLATE, "fallback"
+        own = template if template is not None else tokenizer.chat_template
+        # Thinking-mode templates (Qwen3): data without reasoning is rendered as the template
+        # renders a non-thinking turn (enable_thinking=False: an empty <think></think> block in
+        # the prompt, never trained). The template that goes into the run, the GGUF and the
+        # Modelfile defaults to that mode, so inference matches training.
+        self.thinking = isinstance(own, str) and is_thinking_template(own)
+        if self.thinking and not own.startswith(NO_THINK_DEFAULT):
+            template, template_name = NO_THINK_DEFAULT + own, template_name or "model (non-thinking)"
+        self.template = template
+        self.template_name = template_name or ("model" if template is None else "custom")
+        self.uses_fallback_template = self.template_name == "fallback"
         self._fold_system = False
         self._has_offsets = self._check_offsets()
 
@@ -79,10 +106,11 @@ class Renderer:
 
     def render_text(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         msgs = self._fold(messages) if self._fold_system else messages
+        extra = {"enable_thinking": False} if self.thinking else {}
         try:
             return self.tok.apply_chat_template(
                 msgs, tokenize=False, add_generation_prompt=add_generation_prompt,
-                chat_template=self.template)
+                chat_template=self.template, **extra)
         except Exception as e:  # jinja2 TemplateError, raise_exception() in templates
             if (not self._fold_system and msgs and msgs[0]["role"] == "system"
                     and "system" in str(e).lower()):
@@ -130,6 +158,20 @@ class Renderer:
         return out
 
     # -- rendering ----------------------------------------------------------------
+
+    def render_all(self, sample: Sample) -> list[Rendered]:
+        """The training examples of one sample: one, except for thinking-mode templates, where a
+        conversation with several replies becomes one example per reply, each rendered as the
+        template renders that turn at inference (the history in its plain form, then the
+        non-thinking generation prompt): the template renders earlier turns differently, and
+        training them in that form would teach the model to skip its <think> block."""
+        if not (self.thinking and sample.is_chat and self.loss_on != "all"):
+            return [self.render(sample)]
+        msgs = sample.messages or []
+        turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        if len(turns) <= 1 or self.loss_on == "last_assistant":
+            return [self.render(sample)]
+        return [self.render(Sample(msgs[: i + 1], None, sample.where)) for i in turns]
 
     def render(self, sample: Sample) -> Rendered:
         try:

@@ -12,20 +12,28 @@ from typing import Any
 from ..errors import MacftError
 from ..models import resolve_model_path
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json",
-                   "tokenizer.tiktoken")
+# The files that hold a vocabulary, in any of the layouts models are published in:
+# tokenizer.json (fast tokenizers), tokenizer.model (Llama / Gemma SentencePiece), spiece.model
+# (T5Tokenizer-style SentencePiece, e.g. rinna), sentencepiece.bpe.model (XLM-R style),
+# vocab.json + merges.txt (GPT-2 style byte-level BPE), tokenizer.tiktoken.
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+               "tokenizer.tiktoken")
 
 
 def load_tokenizer(model: str, revision: str | None = None) -> Any:
     path = resolve_model_path(model, revision=revision, tokenizer_only=True)
-    present = [f for f in TOKENIZER_FILES if (path / f).is_file()]
-    if not present or present == ["tokenizer_config.json"]:
-        found = sorted(p.name for p in path.iterdir())[:12]
+    present = [f for f in VOCAB_FILES if (path / f).is_file()]
+    if not present:
+        found = sorted(p.name for p in path.iterdir())
+        shown = ", ".join(found[:12]) + (f" and {len(found) - 12} more" if len(found) > 12 else "")
         raise MacftError(
-            f"{path} has no tokenizer: none of {', '.join(TOKENIZER_FILES[:3])} is there "
-            f"(found: {', '.join(found) or 'nothing'}).",
-            "Copy the tokenizer files of the base model into this directory "
-            "(tokenizer.json and tokenizer_config.json, plus tokenizer.model for SentencePiece models).")
+            f"{path} has no tokenizer vocabulary: none of {', '.join(VOCAB_FILES)} is there "
+            f"(found: {shown or 'nothing'}).",
+            "Copy the tokenizer files of the base model into this directory (every tokenizer* file, "
+            "plus spiece.model / tokenizer.model or vocab.json + merges.txt, whichever it has).")
+    if present == ["vocab.json"] and not (path / "merges.txt").is_file():
+        raise MacftError(f"{path} has vocab.json but no merges.txt: a byte-level BPE tokenizer needs both.",
+                         "Copy merges.txt from the base model's repository into this directory.")
     try:
         from transformers import AutoTokenizer
     except ImportError:

@@ -137,8 +137,7 @@ def weight_bytes(shape: ModelShape, target: Target, quantize: str) -> int:
         return int(linear * per + emb * per + (rest - emb) * wb)
     if bits == 4:  # NF4 with double quantization
         return int(linear * (0.5 + 1 / GROUP + 4 / (GROUP * 256)) + rest * wb)
-    rows = shape.layers * sum(shape.projection(p)[1] for p in
-                              ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    rows = shape.layers * shape.linear_rows_per_layer
     return int(linear + rows * 4 + rest * wb)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MacftError
+from ..model_info import ModelInfo
 from .blas import preload_fast_blas
 
 # Must happen before anything imports mlx.core (see blas.py).
@@ -50,18 +51,16 @@ class MLXBackend:
             return f"{info.get('device_name', 'Apple GPU')} (Metal, {mem:.0f} GB unified memory)"
         return "CPU (mlx[cpu])"
 
-    def precision(self, cfg: Any, model_config: dict[str, Any]) -> str:
-        from ..models import is_gemma
-
+    def precision(self, cfg: Any, model_info: ModelInfo) -> str:
         p = cfg.train.precision
         if p == "auto":
             return "bf16" if on_metal() else "fp32"
-        if p == "fp16" and is_gemma(model_config):
-            raise MacftError("Gemma-3 activations overflow in fp16 (the loss turns NaN).",
+        if p == "fp16" and model_info.fp16_unsafe:
+            raise MacftError(f"{model_info.describe()}: Gemma activations overflow in fp16 (the loss turns NaN).",
                              "Use --precision bf16 (Apple silicon) or fp32.")
         return p
 
-    def memory_target(self, cfg: Any, model_config: dict[str, Any]) -> Any:
+    def memory_target(self, cfg: Any, model_info: ModelInfo) -> Any:
         from ..estimate.memory import Target
         from .train import memory_budget
 
@@ -70,27 +69,23 @@ class MLXBackend:
         if os.environ.get("MACFT_MLX_MEMORY_LIMIT_GB"):
             label += " (capped by MACFT_MLX_MEMORY_LIMIT_GB)"
         return Target("mlx", "metal" if metal else "cpu",
-                      4 if self.precision(cfg, model_config) == "fp32" else 2, memory_budget(), label)
+                      4 if self.precision(cfg, model_info) == "fp32" else 2, memory_budget(), label)
 
-    def check(self, cfg: Any, model_config: dict[str, Any] | None = None) -> list[str]:
+    def check(self, cfg: Any, model_info: ModelInfo | None = None) -> list[str]:
         problems: list[str] = []
         try:
             _import_mlx()
         except MacftError as e:
             return [f"{e.message} ({_INSTALL})"]
-        from ..models import is_gemma
-        from .model import architecture_problem
+        from .model import architecture_problem, quantization_problem
 
-        if model_config is not None:
-            if (p := architecture_problem(model_config)):
+        if model_info is not None:
+            if (p := architecture_problem(model_info)):
                 problems.append(p)
-            if model_config.get("quantization") and cfg.model.quantize != "none":
-                q = model_config["quantization"]
-                problems.append(
-                    f"the model is already quantized ({q.get('bits')}-bit); --quantize {cfg.model.quantize} "
-                    "would quantize it twice: drop --quantize (training on it is QLoRA already)")
-            if cfg.train.precision == "fp16" and is_gemma(model_config):
-                problems.append("Gemma-3 overflows in fp16: use --precision bf16 or fp32")
+            if (p := quantization_problem(model_info, cfg.model.quantize)):
+                problems.append(p)
+            if cfg.train.precision == "fp16" and model_info.fp16_unsafe:
+                problems.append("Gemma models overflow in fp16: use --precision bf16 or fp32")
         if sys.platform != "darwin" and not on_metal() and cfg.train.precision == "bf16":
             problems.append("bf16 on this CPU is 10-60x slower than fp32 and not supported for training "
                             "here: use --precision fp32 (or auto)")

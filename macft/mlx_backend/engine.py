@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..adapter import AdapterSpec, read_peft_adapter, write_peft_adapter
 from ..data.batching import Batch
-from .model import LoadedModel, count_params, hf_module_name
+from .model import LoadedModel, count_params, lora_weights
 from .packing import model_modules, packed_attention
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -195,14 +195,8 @@ class MLXEngine:
     # -- adapters and state ------------------------------------------------------------
 
     def lora_weights(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """HF module name -> (A [r, in], B [out, r]) in PEFT orientation."""
-        out = {}
-        for name in self.lm.lora_modules:
-            mod = self._module(name)
-            a = np.array(mod.lora_a.astype(mx.float32)).T
-            b = np.array(mod.lora_b.astype(mx.float32)).T
-            out[hf_module_name(name, self.lm.model_type)] = (a, b)
-        return out
+        """HF module path -> (A [r, in], B [out, r]) in PEFT orientation."""
+        return lora_weights(self.lm)
 
     def save_adapter(self, path: Path) -> None:
         write_peft_adapter(path, self.lora_weights(), self.spec)
@@ -214,7 +208,7 @@ class MLXEngine:
 
     def load_state(self, path: Path) -> None:
         modules, _ = read_peft_adapter(path)
-        by_hf = {hf_module_name(n, self.lm.model_type): n for n in self.lm.lora_modules}
+        by_hf = {self.lm.hf_name(n): n for n in self.lm.lora_modules}
         weights = []
         for hf_name, (a, b) in modules.items():
             mlx_name = by_hf[hf_name]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,12 +19,6 @@ from .engine import _ce, kl_to_base
 from .model import LoadedModel, load, mx_dtype
 
 
-def mlx_module_name(hf_name: str, model_type: str) -> str:
-    if model_type == "gemma3" and hf_name.startswith("model.language_model."):
-        return "language_model.model." + hf_name[len("model.language_model."):]
-    return hf_name
-
-
 def apply_peft_adapter(lm: LoadedModel, adapter_dir: Path) -> list[nn.Module]:
     """Put the PEFT adapter's LoRA layers into the mlx-lm model; returns the LoRA modules."""
     from mlx_lm.tuner.lora import LoRALinear
@@ -36,14 +29,15 @@ def apply_peft_adapter(lm: LoadedModel, adapter_dir: Path) -> list[nn.Module]:
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     keys, layer_ids = set(), set()
     names = {}
+    blocks = lm.arch.blocks + "."
     for hf in modules:
-        name = mlx_module_name(hf, lm.model_type)
-        m = re.search(r"\.layers\.(\d+)\.(.+)$", name)
-        if not m:
+        name = lm.mlx_name(hf)
+        idx, _, key = name[len(blocks):].partition(".")
+        if not name.startswith(blocks) or not idx.isdigit() or not key:
             raise MacftError(f"{adapter_dir}: adapter module {hf} is not inside a transformer block.",
                              "macft loads LoRA on attention / MLP projections only.")
-        layer_ids.add(int(m.group(1)))
-        keys.add(m.group(2))
+        layer_ids.add(int(idx))
+        keys.add(key)
         names[hf] = name
     n_layers = len(lm.model.layers)
     linear_to_lora_layers(lm.model, n_layers - min(layer_ids),

@@ -3,9 +3,10 @@
 mlx-lm's models build their causal mask internally (``create_attention_mask``)
 and take no mask argument. For a packed row we replace that function, while the
 model runs, by one that also forbids attention across examples (and keeps the
-sliding window). Positions are not reset: every supported architecture uses
-RoPE, whose attention scores depend only on relative positions, so an example
-attending only to itself sees exactly what it would see alone.
+sliding window). Positions are not reset for RoPE models, whose attention scores
+depend only on relative positions, so an example attending only to itself sees
+exactly what it would see alone; GPT-2's learned positions restart per example
+(:func:`segment_positions`, used by its position embedding).
 
 The segment ids come from the step's inputs (a traced array under
 ``mx.compile``), handed over through a module-level slot for the duration of one
@@ -34,6 +35,18 @@ def _packed_mask(h: Any, cache: Any = None, window_size: int | None = None,
         causal = causal & (idx[:, None] < idx[None, :] + window_size)
     same = seg[:, :, None] == seg[:, None, :]  # [B, L, L]
     return (causal[None] & same)[:, None]  # [B, 1, L, L]
+
+
+def current_segments() -> Any:
+    """The packed batch's segment ids [B, L] while a packed forward pass runs, else None."""
+    return _SEGMENTS[0]
+
+
+def segment_positions(seg: Any) -> mx.array:
+    """Each token's position within its own example: [[1,1,1,2,2]] -> [[0,1,2,0,1]]."""
+    idx = mx.arange(seg.shape[1])
+    first = mx.concatenate([mx.ones((seg.shape[0], 1), dtype=mx.bool_), seg[:, 1:] != seg[:, :-1]], axis=1)
+    return idx - mx.cummax(mx.where(first, idx, 0), axis=1)
 
 
 @contextmanager

@@ -11,14 +11,13 @@ import mlx.core as mx
 import numpy as np
 import psutil
 
-from ..adapter import AdapterSpec
 from ..errors import MacftError
 from ..training.loop import LoopResult
 from ..training.loop import train as run_loop
 from ..ui import console, human_bytes
 from . import on_metal, write_quantization_record
 from .engine import MLXEngine
-from .model import GROUP_SIZE, add_lora, hf_module_name, load, mx_dtype, quantize
+from .model import GROUP_SIZE, adapter_spec, add_lora, load, mx_dtype, quantize
 
 MEMORY_HINT = ("Try a smaller --batch-size, --quantize 4bit, --grad-checkpoint, or a shorter "
                "--max-seq-len.")
@@ -65,7 +64,7 @@ def set_limits(budget: int) -> None:
 
 def run_training(backend: Any, job: Any, callback: Any) -> LoopResult:
     cfg = job.cfg
-    precision = backend.precision(cfg, job.model_config)
+    precision = backend.precision(cfg, job.model_info)
     dtype = mx_dtype(precision)
     bits = {"4bit": 4, "8bit": 8}.get(cfg.model.quantize)
     budget = memory_budget()
@@ -76,14 +75,13 @@ def run_training(backend: Any, job: Any, callback: Any) -> LoopResult:
             f"{human_bytes(budget)} is available to MLX here.", MEMORY_HINT)
     set_limits(budget)
 
-    lm = load(job.model_path, dtype)
+    lm = load(job.model_path, dtype, job.model_info)
     if bits:
         if not on_metal():
             job.notes.append("4/8-bit matmuls on the CPU are several times slower than fp32 LoRA")
         quantize(lm, bits)
         write_quantization_record(job.run_dir, bits, GROUP_SIZE,
-                                  [hf_module_name(n, lm.model_type) for n in lm.quantized],
-                                  [hf_module_name(n, lm.model_type) for n in lm.unquantized])
+                                  [lm.hf_name(n) for n in lm.quantized], [lm.hf_name(n) for n in lm.unquantized])
     from .blas import status as blas_status
 
     fast, msg = blas_status()
@@ -92,11 +90,7 @@ def run_training(backend: Any, job: Any, callback: Any) -> LoopResult:
     mx.random.seed(cfg.train.seed)
     keys, layers = add_lora(lm, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets,
                             cfg.lora.layers)
-    n_layers = len(lm.model.layers)
-    spec = AdapterSpec(
-        base_model=cfg.model.name, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-        target_modules=sorted({k.split(".")[-1] for k in keys}),
-        layers=None if len(layers) == n_layers else layers)
+    spec = adapter_spec(lm, cfg.model.name, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
     job.notes[:0] = [f"precision {precision}"] + lm.notes
     if lm.prequantized:
         job.notes.append(f"base model is pre-quantized ({lm.prequantized.get('bits')}-bit)")

@@ -1,0 +1,166 @@
+"""Conformance: every published checkpoint layout, end to end, on both backends.
+
+For each row of :data:`macft.support.CHECKPOINTS` a tiny random-init model is built in the
+published layout (``layouts.py``) and:
+
+1. ``macft train`` runs a few dozen steps on ``examples/data/nyan`` (every answer is
+   「にゃーん！」) with the MLX and the PyTorch backend; the validation loss must fall, or the
+   run must be refused at start with the table's message and nothing written;
+2. each adapter loads in peft on the published checkpoint, attaching LoRA to exactly the
+   modules the adapter names (for Gemma-3 4B: never the vision tower);
+3. ``macft export --quant q4_k_m`` verifies the GGUF with llama.cpp, and llama.cpp, given
+   only the GGUF (its own chat template), answers the held-out prompts with 「にゃーん！」 and
+   stops on the model's end-of-turn token; or export refuses up front with the table's message.
+
+Export is slower than training, so in CI each layout exports the run of one backend,
+alternating between layouts (both backends' adapters go through export, every layout is
+exported). ``MACFT_CONFORMANCE=full`` exports both runs of every layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from macft.support import CHECKPOINTS, YES, by_layout
+
+from .layouts import build
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+NYAN = REPO / "examples" / "data" / "nyan"
+ANSWER = "にゃーん！"
+BACKENDS = ("mlx", "cuda")
+FULL = os.environ.get("MACFT_CONFORMANCE") == "full"
+LAYOUT_IDS = [c.layout for c in CHECKPOINTS]
+
+
+def export_backends(layout: str) -> tuple[str, ...]:
+    if FULL:
+        return BACKENDS
+    return (BACKENDS[LAYOUT_IDS.index(layout) % 2],)
+
+
+@pytest.fixture(scope="session")
+def layout_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    cache: dict[str, Path] = {}
+
+    def get(layout: str) -> Path:
+        if layout not in cache:
+            cache[layout] = build(layout, root / layout)
+        return cache[layout]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def runs(layout_dirs, tmp_path_factory):
+    """(layout, backend) -> (exit code, stderr text, run directory), trained once."""
+    root = tmp_path_factory.mktemp("conformance-runs")
+    done: dict[tuple[str, str], tuple[int, str, Path]] = {}
+
+    def get(layout: str, backend: str, capsys) -> tuple[int, str, Path]:
+        key = (layout, backend)
+        if key not in done:
+            from macft.cli import main
+
+            c = by_layout(layout)
+            out = root / f"{layout}-{backend}"
+            argv = ["train", "--model", str(layout_dirs(layout)), "--data", str(NYAN), "--output", str(out),
+                    "--backend", backend, "--iters", "30", "--learning-rate", "5e-3", "--batch-size", "8",
+                    "--eval-every", "30", "--log-every", "10", "--save-every", "0", "--seed", "0"]
+            if c.chat_template != "model":
+                argv += ["--chat-template", c.chat_template]
+            capsys.readouterr()
+            rc = main(argv)
+            done[key] = (rc, capsys.readouterr().err, out)
+        return done[key]
+
+    return get
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUT_IDS)
+def test_train_and_reload_in_peft(layout, backend, runs, layout_dirs, capsys):
+    expected = getattr(by_layout(layout), backend)
+    rc, err, run = runs(layout, backend, capsys)
+    if expected != YES:
+        assert rc == 2, err
+        assert expected.removeprefix("no: ") in " ".join(err.split()), err
+        assert not run.exists(), "a refused run must write nothing"
+        return
+    assert rc == 0, err
+    vals = [m["val_loss"] for m in _metrics(run) if m.get("val_loss") is not None]
+    assert len(vals) >= 2 and vals[-1] < 0.5 * vals[0], vals
+    _check_peft(layout_dirs(layout), run / "adapter")
+
+
+def _check_peft(base: Path, adapter: Path) -> None:
+    """The adapter loads in peft on the published checkpoint and attaches LoRA to exactly the
+    modules it names, by full path."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from macft.adapter import read_peft_adapter
+
+    modules, cfg = read_peft_adapter(adapter)
+    assert cfg["layers_to_transform"] is None and sorted(cfg["target_modules"]) == sorted(modules)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    pm = PeftModel.from_pretrained(model, str(adapter))
+    attached = sorted(n.removeprefix("base_model.model.")[: -len(".lora_A")]
+                      for n, _ in pm.named_modules() if n.endswith(".lora_A"))
+    assert attached == sorted(modules)
+    assert not any("vision" in n or "multi_modal" in n for n in attached)
+
+
+@pytest.mark.parametrize("layout", LAYOUT_IDS)
+def test_export_and_llama_cpp_answers(layout, runs, capsys):
+    c = by_layout(layout)
+    for backend in export_backends(layout):
+        if getattr(c, backend) != YES:
+            continue
+        rc, err, run = runs(layout, backend, capsys)
+        assert rc == 0, err
+        _check_export(c, run, capsys)
+
+
+def _check_export(c, run: Path, capsys) -> None:
+    from export.llama_cpp import ensure_built
+    from macft.cli import main
+    from macft.inference import Sampling, generate, load_chat_model
+
+    ensure_built()
+    capsys.readouterr()
+    rc = main(["export", "--run", str(run), "--quant", "q4_k_m", "--verify-prompts", "3"])
+    err = capsys.readouterr().err
+    if c.export != YES:
+        assert rc == 2, err
+        assert c.export.removeprefix("no: ") in " ".join(err.split()), err
+        assert not (run / "export").exists() or not any((run / "export").iterdir())
+        return
+    assert rc == 0, err
+    (gguf,) = (run / "export").glob("*-q4_k_m.gguf")
+    report = json.loads((run / "export" / "export-report.json").read_text())
+    if c.architecture.endswith("ForConditionalGeneration"):  # the image path is kept
+        mm = report["mmproj"]
+        assert mm["exported"] and mm["check"]["loaded_and_answered"], mm
+        assert (run / "export" / mm["file"]).is_file()
+        assert f"# FROM ./{mm['file']}" in (run / "export" / "Modelfile").read_text()
+    # llama.cpp with nothing but the GGUF: its own chat template and end tokens
+    model = load_chat_model(gguf=str(gguf))
+    for row in (NYAN / "valid.jsonl").read_text(encoding="utf-8").splitlines()[:3]:
+        msgs = json.loads(row)["messages"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        g = generate(model, msgs[:last], Sampling(max_new_tokens=24))
+        assert g.stopped, (c.layout, g.text)
+        assert g.text.strip() == ANSWER, (c.layout, g.text)
