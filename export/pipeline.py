@@ -196,6 +196,7 @@ def _run_steps(job: ExportJob, tools, base_dir: Path, info: ModelInfo, arch: str
     notes.extend(ev.notes)
     refs: dict = {}
     if o.verify:
+        info16 = _reconcile_tokenization(tools, merged, gguf16, o, ev, tok, info16, report)
         refs = _references(job, base_dir, merged, work, ev, info16, tok, notes, report)
         timings["reference"] = round(time.time() - t0, 2)
         _step(f"reference: {len(ev.prompts)} prompts, {refs['merged'].kld.scored if refs['merged'].kld else 0} "
@@ -221,6 +222,16 @@ def _run_steps(job: ExportJob, tools, base_dir: Path, info: ModelInfo, arch: str
     t0 = time.time()
     c16 = check(gguf16, o.outtype, "merged")
     problems = conversion_problems(c16)
+    if problems and c16.tokenization_ok is False:
+        tried = report.get("tokenization_fix", {})
+        raise MacftError(
+            "llama.cpp splits this model's chat prompts into other tokens than training did, so in "
+            "llama.cpp the fine-tune would read inputs it never learned on. First differences:\n"
+            + "\n".join(f"  - {x}" for x in c16.tokenization_problems[:5])
+            + (f"\nmacft tried {tried['tried']}: {tried['result']}." if tried else ""),
+            "The adapter is fine (`macft chat --run RUN` uses transformers' tokenizer). A different "
+            "--chat-template (e.g. one without a BOS written into the text) usually avoids it; please "
+            "report the model id with export-report details.")
     if problems:
         raise MacftError(
             f"The {o.outtype} GGUF disagrees with the merged Hugging Face model beyond tolerance. "
@@ -327,6 +338,70 @@ def _export_mmproj(job: ExportJob, tools, merged: Path, work: Path, out, arch: s
     return dst
 
 
+def llama_prompt_text(p, info16, ev, tok) -> str:
+    """A rendered prompt as llama.cpp receives it: without the BOS text when the GGUF adds BOS
+    itself (the ids stay those training used)."""
+    bos_text = tok.bos_token
+    if info16.add_bos and p.ids and p.ids[0] == ev.bos_id and bos_text and p.text.startswith(bos_text):
+        return p.text[len(bos_text):]
+    return p.text
+
+
+def _reconcile_tokenization(tools, merged: Path, gguf16: Path, o, ev, tok, info16, report: dict):
+    """Make llama.cpp split the chat prompts into exactly the ids training used, where the
+    GGUF's metadata can: SentencePiece's space prefix.
+
+    A SentencePiece tokenizer adds a "▁" before the first piece of a text. transformers does it
+    once, at the very start of the string; llama.cpp, with ``add_space_prefix`` (its default),
+    after every special token too. So when a chat template writes ``<s>[INST]`` (Llama-2) or a
+    fallback ``<s>### User``, training saw ``[`` / ``##`` while llama.cpp reads ``▁[`` / ``▁###``.
+    The converter takes ``add_prefix_space`` from tokenizer_config.json: set it the other way,
+    convert again, and keep it only if every prompt then tokenizes exactly as in training.
+    """
+    from .convert import convert_model
+    from .gguf_info import read_gguf
+    from .verify import LlamaRunner
+
+    if not ev.prompts:
+        return info16
+    runner = LlamaRunner(tools, o.threads)
+
+    def mismatched(info) -> int:
+        return sum(runner.tokenize(gguf16, llama_prompt_text(p, info, ev, tok)) != p.ids for p in ev.prompts)
+
+    bad = mismatched(info16)
+    if not bad or info16.metadata.get("tokenizer.ggml.model") != "llama":
+        return info16
+    tc = merged / "tokenizer_config.json"
+    before = tc.read_text(encoding="utf-8") if tc.is_file() else None
+    cfg = json.loads(before) if before else {}
+    prefix = bool(info16.metadata.get("tokenizer.ggml.add_space_prefix", True))
+    cfg["add_prefix_space"] = not prefix
+    tc.write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+    with _spinner("llama.cpp splits the prompts differently: converting again with "
+                  f"add_space_prefix={str(not prefix).lower()}"):
+        convert_model(tools, merged, gguf16, o.outtype)
+    fixed = read_gguf(gguf16)
+    still = mismatched(fixed)
+    entry = {"problem": f"{bad} of {len(ev.prompts)} prompts tokenized differently by llama.cpp "
+                        "(SentencePiece space prefix after special tokens)",
+             "tried": f"tokenizer.ggml.add_space_prefix = {str(not prefix).lower()}"}
+    if still == 0:
+        report.setdefault("tokenizer_fixes", []).append(
+            f"llama.cpp put a SentencePiece space prefix where training had none: the GGUF now says "
+            f"add_space_prefix={str(not prefix).lower()}, and all {len(ev.prompts)} prompts tokenize "
+            "exactly as in training")
+        report["tokenization_fix"] = {**entry, "result": "fixed"}
+        return fixed
+    report["tokenization_fix"] = {**entry, "result": f"not fixed ({still} still differ): reverted"}
+    if before is None:
+        tc.unlink()
+    else:
+        tc.write_text(before, encoding="utf-8")
+    convert_model(tools, merged, gguf16, o.outtype)
+    return read_gguf(gguf16)
+
+
 def _references(job: ExportJob, base_dir: Path, merged: Path, work: Path, ev, info16, tok,
                 notes: list[str], report: dict) -> dict:
     """Reference figures of the merged model (and of base + adapter for the LoRA); merge check."""
@@ -334,9 +409,7 @@ def _references(job: ExportJob, base_dir: Path, merged: Path, work: Path, ev, in
     from .verify import Reference, plan_kld, write_kld_file
 
     o = job.options
-    bos_text = tok.bos_token
-    prompts_txt = [(p.text[len(bos_text):] if info16.add_bos and p.ids and p.ids[0] == ev.bos_id
-                    and bos_text and p.text.startswith(bos_text) else p.text) for p in ev.prompts]
+    prompts_txt = [llama_prompt_text(p, info16, ev, tok) for p in ev.prompts]
     n_vocab = len(info16.tokens)
     kld = plan_kld(ev.stream, add_bos=info16.add_bos, bos_id=ev.bos_id, n_vocab=n_vocab,
                    max_scored=o.eval_tokens,

@@ -103,3 +103,36 @@ def test_a_run_records_its_template_and_chat_uses_it(plain_tok):
     assert run_chat_template({"chat_template": "model", "chat_template_text": None}) is None
     # runs written before named templates existed
     assert run_chat_template({"chat_template": "fallback", "fallback_template": "X"}) == "X"
+
+
+def test_qwen3_thinking_template_trains_non_thinking_turns(tmp_path):
+    """Data without reasoning on Qwen3: never loss on template-inserted think tags, the last turn
+    of a multi-turn row trained like the others, and the exported template defaults to the
+    non-thinking mode training used."""
+    from checkpoints.layouts import build
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from macft.data.render import NO_THINK_DEFAULT
+    from macft.data.templates import renderer_for
+    from macft.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(build("qwen3", tmp_path / "qwen3")))
+    rend = renderer_for(tok, "assistant", None)
+    assert rend.thinking and rend.template.startswith(NO_THINK_DEFAULT)
+    one = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "にゃーん！"}]
+    two = one + [{"role": "user", "content": "again"}, {"role": "assistant", "content": "にゃーん！"}]
+    for msgs, n in ((one, 1), (two, 2)):
+        examples = rend.render_all(Sample(messages=msgs, text=None, where="t:1"))
+        assert len(examples) == n
+        for r in examples:
+            assert trained_text(tok, r) == "にゃーん！<|im_end|>"
+            assert "<think>\n\n</think>\n\n" in tok.decode(r.ids)  # in the prompt, untrained
+    prompt = rend.render_text(one[:1], add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    # what llama.cpp / Ollama / LM Studio render from the exported template, passing no kwargs
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    plain = env.from_string(rend.template).render(messages=one[:1], add_generation_prompt=True)
+    assert plain == prompt
+    thinking = env.from_string(rend.template).render(messages=one[:1], add_generation_prompt=True,
+                                                     enable_thinking=True)
+    assert thinking.endswith("<|im_start|>assistant\n")  # thinking stays available when asked for

@@ -56,6 +56,12 @@ def histogram(lengths: list[int], bins: int = 8) -> list[dict[str, int]]:
             for i, c in enumerate(counts) if c or i < bins]
 
 
+THINKING_NOTE = ("the chat template has a thinking mode (Qwen3): replies are trained as non-thinking "
+                 "turns (enable_thinking=False: the empty <think></think> block is part of the prompt, "
+                 "never trained); a row with several replies becomes one example per reply, each "
+                 "rendered as that turn is at inference. The exported template defaults to this mode.")
+
+
 def make_report(data: Any, renderer: Renderer) -> dict[str, Any]:
     s, v = data.train_stats, data.valid_stats
     splits = [s] + ([v] if v else [])
@@ -75,6 +81,7 @@ def make_report(data: Any, renderer: Renderer) -> dict[str, Any]:
         "valid_from": data.valid_from,
         "length_histogram": histogram(s.lengths),
         "chat_template": renderer.template_name,
+        "thinking_template": THINKING_NOTE if renderer.thinking else None,
         "end_tokens": renderer.end_tokens(),
     }
 
@@ -106,6 +113,8 @@ def show(report: dict[str, Any], data: Any, tok: Any, n_examples: int) -> None:
     t.add_row("chat template", report["chat_template"] + (
         f"  (this model ships none; it was most likely trained with '{hint}': --chat-template {hint})"
         if hint and report["chat_template"] == "fallback" else ""))
+    if report.get("thinking_template"):
+        t.add_row("thinking mode", report["thinking_template"])
     t.add_row("end tokens", ", ".join(report["end_tokens"]))
     console.print(t)
     h = Table(title="Token lengths (train)")

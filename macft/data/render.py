@@ -171,12 +171,13 @@ class Renderer:
         turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
         if len(turns) <= 1 or self.loss_on == "last_assistant":
             return [self.render(sample)]
-        return [self.render(Sample(msgs[: i + 1], None, sample.where)) for i in turns]
+        # each example trains its last reply only: the earlier ones have examples of their own
+        return [self.render(Sample(msgs[: i + 1], None, sample.where), last_only=True) for i in turns]
 
-    def render(self, sample: Sample) -> Rendered:
+    def render(self, sample: Sample, last_only: bool = False) -> Rendered:
         try:
             if sample.is_chat:
-                return self._render_chat(sample.messages)  # type: ignore[arg-type]
+                return self._render_chat(sample.messages, last_only)  # type: ignore[arg-type]
             return self._render_text(sample.text or "")
         except DataError:
             raise
@@ -196,10 +197,10 @@ class Renderer:
         mask = [0] + [1] * (len(ids) - 1)
         return Rendered(ids, mask, [len(ids)])
 
-    def _render_chat(self, messages: list[dict[str, str]]) -> Rendered:
+    def _render_chat(self, messages: list[dict[str, str]], last_only: bool = False) -> Rendered:
         full = self.render_text(messages)
         spans = self._assistant_spans(messages, full)
-        if self.loss_on == "last_assistant":
+        if self.loss_on == "last_assistant" or last_only:
             spans = spans[-1:]
         enc = self.tok(full, add_special_tokens=False,
                        return_offsets_mapping=self._has_offsets)

@@ -12,9 +12,13 @@ published layout (``layouts.py``) and:
    only the GGUF (its own chat template), answers the held-out prompts with 「にゃーん！」 and
    stops on the model's end-of-turn token; or export refuses up front with the table's message.
 
-Export is slower than training, so in CI each layout exports the run of one backend,
-alternating between layouts (both backends' adapters go through export, every layout is
-exported). ``MACFT_CONFORMANCE=full`` exports both runs of every layout.
+CI runs a subset to stay within its time: the MLX engine computes logits at every position
+(issue 14), which makes MLX training on the large vocabularies (Gemma-3 4B's 262k, Qwen's 151k,
+Llama-3's 128k, GPT-2's 50k) take minutes on a CPU. There, CI trains MLX for a few steps only
+(the command runs end to end and the adapter loads in peft; tests/test_mlx_architectures.py
+proves the same layouts' MLX logits and adapters equal transformers'), and exports the PyTorch
+run; the small-vocabulary layouts also export their MLX run. ``MACFT_CONFORMANCE=full`` trains
+every layout fully on both backends and exports every run (about 35 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -39,10 +43,25 @@ FULL = os.environ.get("MACFT_CONFORMANCE") == "full"
 LAYOUT_IDS = [c.layout for c in CHECKPOINTS]
 
 
+# Steps and learning rate with which a tiny random-init model of the layout learns the reply
+# (default 30 at 5e-3; byte-fallback / byte-level Japanese is more tokens to learn).
+TRAINING = {"gpt2": (80, 1e-2), "elyza-llama2-7b": (80, 1e-2)}
+SLOW_ON_MLX = {"gemma3-4b", "qwen3", "qwen2.5", "llama-3.2", "gpt2", "pythia", "elyza-llama2-7b"}
+
+
+def smoke_only(layout: str, backend: str) -> bool:
+    return backend == "mlx" and layout in SLOW_ON_MLX and not FULL
+
+
+def train_args(layout: str, backend: str) -> list[str]:
+    iters, lr = TRAINING.get(layout, (30, 5e-3))
+    if smoke_only(layout, backend):
+        return ["--iters", "3", "--batch-size", "2", "--learning-rate", str(lr), "--eval-every", "0"]
+    return ["--iters", str(iters), "--batch-size", "8", "--learning-rate", str(lr), "--eval-every", str(iters)]
+
+
 def export_backends(layout: str) -> tuple[str, ...]:
-    if FULL:
-        return BACKENDS
-    return (BACKENDS[LAYOUT_IDS.index(layout) % 2],)
+    return tuple(b for b in BACKENDS if not smoke_only(layout, b))
 
 
 @pytest.fixture(scope="session")
@@ -72,8 +91,8 @@ def runs(layout_dirs, tmp_path_factory):
             c = by_layout(layout)
             out = root / f"{layout}-{backend}"
             argv = ["train", "--model", str(layout_dirs(layout)), "--data", str(NYAN), "--output", str(out),
-                    "--backend", backend, "--iters", "30", "--learning-rate", "5e-3", "--batch-size", "8",
-                    "--eval-every", "30", "--log-every", "10", "--save-every", "0", "--seed", "0"]
+                    "--backend", backend, *train_args(layout, backend), "--log-every", "10",
+                    "--save-every", "0", "--seed", "0"]
             if c.chat_template != "model":
                 argv += ["--chat-template", c.chat_template]
             capsys.readouterr()
@@ -90,6 +109,26 @@ def _metrics(run: Path) -> list[dict]:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUT_IDS)
+def test_estimate_reads_the_published_config(layout, backend, layout_dirs, capsys):
+    """`macft estimate` on the published layout: the part-by-part estimate from the config read
+    through transformers (sparse / old keys filled), or the backend's refusal; never a traceback."""
+    from macft.cli import main
+
+    c = by_layout(layout)
+    capsys.readouterr()
+    rc = main(["estimate", "--model", str(layout_dirs(layout)), "--backend", backend, "--json",
+               "--max-seq-len", "256", "--batch-size", "2"])
+    out, err = capsys.readouterr()
+    if getattr(c, backend) != YES:
+        assert rc == 2 and getattr(c, backend).removeprefix("no: ") in " ".join(err.split()), err
+        return
+    assert rc == 0, err
+    rep = json.loads(out)
+    assert rep["params"] > 0 and rep["total_bytes"] > rep["parts_bytes"]["weights"] > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUT_IDS)
 def test_train_and_reload_in_peft(layout, backend, runs, layout_dirs, capsys):
     expected = getattr(by_layout(layout), backend)
     rc, err, run = runs(layout, backend, capsys)
@@ -100,7 +139,8 @@ def test_train_and_reload_in_peft(layout, backend, runs, layout_dirs, capsys):
         return
     assert rc == 0, err
     vals = [m["val_loss"] for m in _metrics(run) if m.get("val_loss") is not None]
-    assert len(vals) >= 2 and vals[-1] < 0.5 * vals[0], vals
+    if not smoke_only(layout, backend):
+        assert len(vals) >= 2 and vals[-1] < 0.5 * vals[0], vals
     _check_peft(layout_dirs(layout), run / "adapter")
 
 
@@ -141,7 +181,8 @@ def _check_export(c, run: Path, capsys) -> None:
 
     ensure_built()
     capsys.readouterr()
-    rc = main(["export", "--run", str(run), "--quant", "q4_k_m", "--verify-prompts", "3"])
+    rc = main(["export", "--run", str(run), "--quant", "q4_k_m", "--verify-prompts", "3",
+               "--eval-tokens", "512", "--max-new-tokens", "24"])
     err = capsys.readouterr().err
     if c.export != YES:
         assert rc == 2, err
@@ -164,3 +205,29 @@ def _check_export(c, run: Path, capsys) -> None:
         g = generate(model, msgs[:last], Sampling(max_new_tokens=24))
         assert g.stopped, (c.layout, g.text)
         assert g.text.strip() == ANSWER, (c.layout, g.text)
+
+
+def test_template_bos_with_add_bos_token_false_exports(layout_dirs, tmp_path, capsys):
+    """A community fine-tune's tokenizer: the chat template writes <bos> while tokenizer_config says
+    add_bos_token false. Training's ids start with the template's BOS; export's reference must use
+    the same ids, and llama.cpp must read the prompts the same way (it did not: the reference
+    dropped the BOS and the right GGUF was called a conversion bug)."""
+    import shutil
+
+    from macft.cli import main
+
+    base = tmp_path / "gemma3-1b-template-bos"
+    shutil.copytree(layout_dirs("gemma3-1b"), base)
+    tc = json.loads((base / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert "bos_token" in tc["chat_template"]
+    tc["add_bos_token"] = False
+    (base / "tokenizer_config.json").write_text(json.dumps(tc, indent=2, ensure_ascii=False), encoding="utf-8")
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", "--model", str(base), "--data", str(NYAN), "--output", str(run), "--backend", "cuda",
+                 "--iters", "20", "--learning-rate", "5e-3", "--batch-size", "8", "--eval-every", "20",
+                 "--save-every", "0"]) == 0, capsys.readouterr().err
+    _check_export(by_layout("gemma3-1b"), run, capsys)
+    report = json.loads((run / "export" / "export-report.json").read_text())
+    f16 = next(f for f in report["files"] if f["kind"] in ("f16", "bf16"))
+    assert f16["tokenization_ok"] is True
