@@ -94,28 +94,27 @@ def test_resolved_config_round_trip(tmp_path):
     assert back.lora.targets == ["q_proj", "v_proj"]
 
 
-def test_readme_config_reference_is_current():
+def _readme_block(name: str) -> str:
+    """The generated block between <!-- NAME:start --> and <!-- NAME:end --> in the README."""
     from pathlib import Path
 
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    return readme[readme.index(start) + len(start):readme.index(end)].strip()
+
+
+def test_readme_config_reference_is_current():
     from macft.config import reference_markdown
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
-    table = readme[readme.index(start) + len(start):readme.index(end)].strip()
-    assert table == reference_markdown(), (
+    assert _readme_block("config-reference") == reference_markdown(), (
         "README's config reference is stale; regenerate it with "
         "`python -c 'from macft.config import reference_markdown; print(reference_markdown())'`")
 
 
 def test_readme_models_table_is_current():
     """The README's Models table is the conformance table (macft/support.py) the suite proves."""
-    from pathlib import Path
-
     from macft.support import models_markdown
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    start, end = "<!-- models-table:start -->", "<!-- models-table:end -->"
-    table = readme[readme.index(start) + len(start):readme.index(end)].strip()
-    assert table == models_markdown(), (
+    assert _readme_block("models-table") == models_markdown(), (
         "README's Models table is stale; regenerate it with "
         "`python -c 'from macft.support import models_markdown; print(models_markdown())'`")
