@@ -211,6 +211,15 @@ def test_model_without_tokenizer(run_cli, tmp_path, nya_dir):
     (m / "config.json").write_text("{}")
     rc, _, err = run_cli("data", "inspect", str(nya_dir), "--model", str(m))
     assert rc == 2 and "has no tokenizer" in err and "tokenizer.json" in err
+    # tokenizer_config.json alone is no vocabulary: the message lists what is there, and says so
+    (m / "tokenizer_config.json").write_text("{}")
+    rc, _, err = run_cli("data", "inspect", str(nya_dir), "--model", str(m))
+    assert rc == 2 and "no tokenizer vocabulary" in err and "spiece.model" in err
+    assert "found: config.json, tokenizer_config.json" in " ".join(err.split())
+    # GPT-2 style BPE needs both files
+    (m / "vocab.json").write_text("{}")
+    rc, _, err = run_cli("data", "inspect", str(nya_dir), "--model", str(m))
+    assert rc == 2 and "vocab.json but no merges.txt" in err
 
 
 def test_unknown_config_key_and_wrong_type_via_cli(run_cli, tiny_gemma, tmp_path, nya_dir):
