@@ -79,10 +79,6 @@ class ModelInfo:
         return self.text_model_type
 
     @property
-    def is_gemma(self) -> bool:
-        return self.family.startswith("gemma")
-
-    @property
     def fp16_unsafe(self) -> bool:
         return self.family.startswith(FP16_UNSAFE_PREFIXES)
 

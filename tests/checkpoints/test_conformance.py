@@ -231,3 +231,22 @@ def test_template_bos_with_add_bos_token_false_exports(layout_dirs, tmp_path, ca
     report = json.loads((run / "export" / "export-report.json").read_text())
     f16 = next(f for f in report["files"] if f["kind"] in ("f16", "bf16"))
     assert f16["tokenization_ok"] is True
+
+
+def test_a_projector_llama_cpp_cannot_use_stops_the_export(runs, capsys, monkeypatch):
+    """If llama-mtmd-cli cannot use the text GGUF with its mmproj, export stops with llama.cpp's
+    last lines and leaves no output directory behind."""
+    import export.mmproj as mmproj
+    from macft.cli import main
+
+    rc, err, run = runs("gemma3-4b", "cuda", capsys)
+    assert rc == 0, err
+    monkeypatch.setattr(mmproj, "check_pair", lambda *a, **k: mmproj.MMProjCheck(
+        False, False, "", 0.1, ["clip_model_loader: failed to load the projector (simulated)"]))
+    out = run / "export-broken-projector"
+    capsys.readouterr()
+    rc = main(["export", "--run", str(run), "--quant", "q4_k_m", "--verify-prompts", "1",
+               "--eval-tokens", "256", "--output", str(out)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 2 and "could not use" in err and "vision projector" in err and "(simulated)" in err, err
+    assert not out.exists()
