@@ -64,7 +64,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    "`macft models`): defaults < preset < YAML < flags.")
     p.add_argument("--resume", metavar="RUN", help="Continue an interrupted run from its last checkpoint.")
     p.add_argument("--force", action="store_true",
-                   help="Train even when the memory estimate says the run will not fit.")
+                   help="Train even when the memory estimate says the run will not fit, or resume "
+                        "on a base model whose weights differ from those the run started on.")
     add_config_flags(p, ("model", "lora", "data", "train"))
 
 
@@ -118,6 +119,8 @@ def _model_source_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-gguf", metavar="FILE", help="A GGUF LoRA to apply on --gguf.")
     g.add_argument("--backend", choices=["auto", "mlx", "cuda"], help="Override the backend (default: the run's).")
     g.add_argument("--llama-cpp", metavar="DIR", help="Your own llama.cpp checkout (built) for --gguf.")
+    g.add_argument("--force", action="store_true", help="Use the adapter even when the base model's "
+                   "weights differ from those it was trained on.")
     s = p.add_argument_group("sampling")
     s.add_argument("--system", metavar="TEXT", help="System prompt.")
     s.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="Longest answer (default 256).")
@@ -141,6 +144,9 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", metavar="TEXT", help="One user message; the answer alone goes to stdout.")
     p.add_argument("--prompts", metavar="FILE.jsonl", help="One prompt per line (a string, {\"prompt\": ...} or "
                    "{\"messages\": [...]}); one JSON line {\"answer\", \"stopped\"} per prompt to stdout.")
+    p.add_argument("--encoding", default="auto", metavar="NAME",
+                   help="Text encoding of --prompts: auto (UTF-8, others detected with a note) or a codec "
+                        "such as cp932, euc-jp, utf-16 (default auto).")
     p.add_argument("--base", action="store_true", help="Answer with the adapter switched off (the base model).")
     _model_source_args(p)
 
@@ -156,6 +162,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["auto", "mlx", "cuda"], help="Override the run's backend.")
     p.add_argument("--llama-cpp", metavar="DIR", help="Your own llama.cpp checkout for --gguf.")
     p.add_argument("--output", metavar="DIR", help="Where eval-report.json / .md go (default: the run).")
+    p.add_argument("--force", action="store_true", help="Judge the adapter even when the base model's "
+                   "weights differ from those it was trained on.")
 
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {
@@ -242,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
 
         console.print("[yellow]Interrupted.[/]")
         return 130
+    except Exception as e:  # noqa: BLE001 - the one place every other error is caught
+        if args.debug:
+            raise
+        _print_unexpected(e, argv)
+        return 1
 
 
 def _print_error(e: Exception) -> None:
@@ -255,6 +268,43 @@ def _print_error(e: Exception) -> None:
     if hint:
         console.print(f"[bold]fix:[/] {escape(hint)}")
     console.print("[dim](run with --debug for the traceback)[/]")
+
+
+def _print_unexpected(e: BaseException, argv: list[str] | None) -> None:
+    """An error macft did not foresee: one short paragraph, the traceback saved to a log file."""
+    import os
+    import tempfile
+    import time
+    import traceback
+
+    from rich.markup import escape
+
+    from .ui import console
+
+    if isinstance(e, OSError) and e.errno is not None:
+        # the operating system's own words name the file: a disk, permission or network problem
+        from .errors import os_error_message
+
+        msg, hint = os_error_message(e)
+        console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False)
+        console.print(f"[bold]fix:[/] {escape(hint)}")
+        console.print("[dim](run with --debug for the traceback)[/]")
+        return
+    log = None
+    try:
+        fd, log = tempfile.mkstemp(prefix=f"macft-error-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("macft " + __version__ + "\ncommand: macft " + " ".join(argv if argv is not None else sys.argv[1:]) + "\n\n")
+            f.write("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+    except OSError:
+        log = None
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    console.print(f"[bold red]error:[/] macft stopped on an unexpected {type(e).__name__}"
+                  + (f": {escape(first)}" if first else "."), highlight=False)
+    where = f"The full traceback is in {log}. " if log else ""
+    console.print(f"{where}Run the same command with --debug to see it here. This is a bug in macft "
+                  "(or a case it does not handle yet): please report it to the macft issue tracker "
+                  "with that file.", highlight=False)
 
 
 def entry() -> None:

@@ -85,3 +85,37 @@ class ToolError(MacftError):
         self.output_tail = output_tail
         tail = "\n".join("    " + ln for ln in output_tail.strip().splitlines()[-15:])
         super().__init__(f"This command failed:\n    {cmd}\nIts last output lines:\n{tail}", hint)
+
+
+def os_error_message(e: OSError, doing: str | None = None) -> tuple[str, str]:
+    """(message, fix) for an operating-system error, naming the file and, for a full disk,
+    how much room is left."""
+    import errno
+    import shutil
+
+    path = e.filename or ""
+    what = f" while {doing}" if doing else ""
+    where = f" ({path})" if path else ""
+    if e.errno == errno.ENOSPC:
+        free = ""
+        probe = Path(path) if path else Path.cwd()
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        try:
+            free = f"; {shutil.disk_usage(probe).free / 1e9:.2f} GB free there now"
+        except OSError:
+            pass
+        return (f"The disk is full{what}{where}{free}.",
+                "Free some space (or point --output at a bigger disk) and run the command again.")
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return (f"Permission denied{what}{where}.",
+                "Choose a directory you can write to, or fix the file's permissions.")
+    if e.errno == errno.EROFS:
+        return (f"The file system is read-only{what}{where}.", "Write to another directory.")
+    if e.errno == errno.ENOENT:
+        return (f"No such file or directory{what}{where}.", "Check the path.")
+    if e.errno == errno.EISDIR:
+        return (f"Expected a file but found a directory{what}{where}.", "Pass the file's path.")
+    if e.errno == errno.ENOTDIR:
+        return (f"Expected a directory but found a file{what}{where}.", "Pass a directory path.")
+    return (f"{e.strerror or e}{what}{where}.", "Check the path and the disk, then run the command again.")

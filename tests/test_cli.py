@@ -99,3 +99,59 @@ def test_preset_is_a_layer_under_yaml_and_flags(tmp_path):
     assert cfg.train.epochs == 1.0  # YAML over preset
     assert cfg.lora.rank == 8  # flag over all
     assert cfg.train.grad_checkpoint is True
+
+
+# --------------------------------------------------------------------------- unexpected errors
+
+
+def _command_raising(monkeypatch, tmp_path: Path, body: str) -> None:
+    """Register a `macft boom` command whose handler runs ``body``."""
+    import hashlib
+
+    from macft import cli
+
+    name = "macft_test_boom_" + hashlib.sha1(body.encode()).hexdigest()[:10]  # a fresh module each
+    (tmp_path / f"{name}.py").write_text(
+        "import errno\n\ndef run(args):\n" + textwrap.indent(body, "    ") + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cli._load_extra_commands()
+    monkeypatch.setitem(cli.COMMANDS, "boom", ("raise", lambda p: None, f"{name}:run"))
+
+
+def test_an_unexpected_error_is_one_paragraph_and_a_log_file(monkeypatch, tmp_path, capsys):
+    import tempfile
+
+    from macft.cli import main
+
+    _command_raising(monkeypatch, tmp_path, "raise ValueError('the secret detail')")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(logs))
+    assert main(["boom"]) == 1
+    out = capsys.readouterr().err
+    assert "unexpected ValueError: the secret detail" in out
+    assert "Traceback" not in out and "--debug" in out and "report it" in out
+    (log,) = logs.glob("macft-error-*.log")
+    text = log.read_text()
+    assert "command: macft boom" in text and "Traceback" in text and "the secret detail" in text
+    assert str(log) in out.replace("\n", "")
+    with pytest.raises(ValueError):
+        main(["--debug", "boom"])
+
+
+def test_an_os_error_names_the_file_and_the_free_space(monkeypatch, tmp_path, capsys):
+    import tempfile
+
+    from macft.cli import main
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    target = tmp_path / "runs" / "adapter_model.safetensors"
+    _command_raising(monkeypatch, tmp_path,
+                     f"raise OSError(errno.ENOSPC, 'No space left on device', {str(target)!r})")
+    assert main(["boom"]) == 1
+    out = capsys.readouterr().err.replace("\n", " ")
+    assert "The disk is full" in out and "adapter_model.safetensors" in out and "GB free" in out
+    assert "Traceback" not in out
+    _command_raising(monkeypatch, tmp_path, f"raise PermissionError(errno.EACCES, 'denied', {str(target)!r})")
+    assert main(["boom"]) == 1
+    assert "Permission denied" in capsys.readouterr().err

@@ -26,6 +26,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                      help="Base model of --adapter: a local directory or a Hugging Face hub id.")
     src.add_argument("--best", action="store_true",
                      help="With --run: export best_adapter/ (lowest validation loss) instead of adapter/.")
+    src.add_argument("--force", action="store_true",
+                     help="Merge even when the base model's weights differ from those the run was "
+                          "trained on (recorded in its config.yaml).")
     o = p.add_argument_group("outputs")
     o.add_argument("--output", metavar="DIR", help="Output directory (default RUN/export).")
     o.add_argument("--name", metavar="NAME", help="File and Ollama model name (default: from the run).")
