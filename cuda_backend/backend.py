@@ -8,6 +8,7 @@ loop. Everything else (batches, schedule, checkpoints, metrics, plots) is shared
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from macft.backends import TrainJob
@@ -50,6 +51,11 @@ class TorchBackend:
         import psutil
 
         return Target("cuda", "cpu", nbytes, int(psutil.virtual_memory().available), "available RAM")
+
+    def check_checkpoint(self, path: Path) -> None:
+        from .engine import check_checkpoint
+
+        check_checkpoint(path)
 
     def device(self) -> str:
         from .distributed import launched_world_size

@@ -16,6 +16,9 @@ one batch and are usable on their own (cross-backend parity checks).
 Randomness: LoRA dropout is reseeded before every micro-batch from (seed, step,
 global micro-batch index). Resuming therefore replays the same dropout masks, and
 one process with ``grad_accum`` 2 draws the same masks as two processes with 1.
+
+Checkpoint state is data, never a pickle: ``torch_state.safetensors`` (optimizer
+tensors, RNG states) and ``torch_state.json`` (step count, parameter groups, scalars).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import json
+import os
 import random
 import resource
 import sys
@@ -38,7 +43,10 @@ from macft.errors import MacftError
 from .distributed import DistContext
 from .hardware import Precision
 
-STATE_NAME = "torch_state.pt"
+STATE_TENSORS = "torch_state.safetensors"  # optimizer moments, RNG states
+STATE_JSON = "torch_state.json"  # everything else: step count, param groups, scalars
+STATE_FORMAT = 1
+LEGACY_STATE = "torch_state.pt"  # a pickle, written by earlier macft versions: never loaded
 
 
 # --------------------------------------------------------------------------- loss
@@ -252,46 +260,52 @@ class TorchEngine:
         write_peft_adapter(path, self.adapter_arrays(), self.spec)
 
     def save_state(self, path: Path) -> None:
+        """Optimizer, step count and RNG as data only: tensors in :data:`STATE_TENSORS`
+        (safetensors), everything else in :data:`STATE_JSON`. No pickle, so a checkpoint from
+        someone else cannot run code when it is resumed."""
         import torch
+        from safetensors.torch import save as st_save
 
-        state = {
-            "optimizer": self.optimizer.state_dict(),
+        tensors: dict[str, Any] = {}
+        rng = {
+            "python": random.getstate(),
+            "numpy": _numpy_rng_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        meta = {
+            "format": STATE_FORMAT,
             "steps_done": self.steps_done,
             "world_size": self.world_size,
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            },
+            "optimizer": _encode(self.optimizer.state_dict(), "optimizer", tensors),
+            "rng": _encode(rng, "rng", tensors),
         }
-        torch.save(state, path / STATE_NAME)
+        _write_bytes(path / STATE_TENSORS, st_save(tensors))
+        _write_bytes(path / STATE_JSON, json.dumps(meta).encode())
 
     def load_state(self, path: Path) -> None:
         import torch
+        from safetensors.torch import load_file
 
-        f = path / STATE_NAME
-        if not f.is_file():
-            raise MacftError(f"{path} has no {STATE_NAME}: it was not written by the cuda backend.",
-                             "Resume a run with the backend that started it (see its config.yaml).")
+        check_checkpoint(path)
         arrays, _ = read_peft_adapter(path)
         if set(arrays) != set(self.lora_modules):
             extra = sorted(set(arrays) ^ set(self.lora_modules))[:5]
             raise MacftError(f"The checkpoint's adapter in {path} does not match this model's LoRA "
                              f"layers (differences: {', '.join(extra)}).",
                              "Resume with the same model and LoRA settings (they are in config.yaml).")
+        meta = json.loads((path / STATE_JSON).read_text())
+        tensors = load_file(str(path / STATE_TENSORS))
         with torch.no_grad():
             for name, (a, b) in arrays.items():
                 mod = self.lora_modules[name]
                 mod.lora_A["default"].weight.copy_(torch.from_numpy(a))
                 mod.lora_B["default"].weight.copy_(torch.from_numpy(b))
-        # our own file, holding numpy RNG tuples: not loadable with weights_only=True
-        state = torch.load(f, map_location=self.torch_device, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.steps_done = int(state["steps_done"])
-        rng = state["rng"]
+        self.optimizer.load_state_dict(_decode(meta["optimizer"], tensors))
+        self.steps_done = int(meta["steps_done"])
+        rng = _decode(meta["rng"], tensors)
         random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        _set_numpy_rng_state(rng["numpy"])
         torch.set_rng_state(rng["torch"].cpu())
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
@@ -312,3 +326,83 @@ class TorchEngine:
         # peft counts 4-bit weights at their real size (two values per stored byte)
         trainable, total = self.model.get_nb_trainable_parameters()
         return int(trainable), int(total)
+
+
+# --------------------------------------------------------------------------- checkpoint files
+
+
+def check_checkpoint(path: Path) -> None:
+    """Refuse a checkpoint this engine cannot (or must not) load, before anything is read."""
+    if (path / STATE_JSON).is_file() and (path / STATE_TENSORS).is_file():
+        return
+    run = path.parent.parent
+    if (path / LEGACY_STATE).is_file():
+        raise MacftError(
+            f"{path} holds its optimizer state as {LEGACY_STATE}, a pickle written by an older macft. "
+            "macft does not load pickles: unpickling a file can run any code in it, so a run "
+            "directory from someone else could take over this machine.",
+            f"Start the run again with its saved settings: `macft train --config {run / 'config.yaml'} "
+            f"--output NEW_DIR` (or, only if you wrote this run yourself, finish it with the macft "
+            "version that started it).")
+    raise MacftError(f"{path} has no {STATE_JSON}: it was not written by the cuda backend.",
+                     "Resume a run with the backend that started it (see its config.yaml).")
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+            "gauss": float(gauss)}
+
+
+def _set_numpy_rng_state(s: dict[str, Any]) -> None:
+    np.random.set_state((s["name"], np.asarray(s["keys"], dtype=np.uint32), s["pos"], s["has_gauss"],
+                         s["gauss"]))
+
+
+def _encode(value: Any, name: str, tensors: dict[str, Any]) -> Any:
+    """``value`` as JSON-able data; tensors go into ``tensors`` under a dotted name.
+
+    Tags keep what JSON would lose: ``{"$tensor": key}``, ``{"$tuple": [...]}`` and
+    ``{"$items": [[k, v], ...]}`` for dicts with non-string keys (optimizer state is keyed by
+    parameter index). bitsandbytes' 8-bit state nests a dict of tensors per parameter; its
+    quantization maps are one tensor shared by every parameter, so each is copied out.
+    """
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        tensors[name] = value.detach().to("cpu", copy=True).contiguous()
+        return {"$tensor": name}
+    if isinstance(value, tuple):
+        return {"$tuple": [_encode(v, f"{name}.{i}", tensors) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(v, f"{name}.{i}", tensors) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("$") for k in value):
+            return {k: _encode(v, f"{name}.{k}", tensors) for k, v in value.items()}
+        return {"$items": [[_encode(k, f"{name}.key{i}", tensors), _encode(v, f"{name}.{k}", tensors)]
+                           for i, (k, v) in enumerate(value.items())]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} at {name} in a checkpoint")
+
+
+def _decode(value: Any, tensors: dict[str, Any]) -> Any:
+    """Inverse of :func:`_encode`: builds only dicts, lists, tuples, numbers, strings, tensors."""
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if "$tensor" in value:
+            return tensors[value["$tensor"]]
+        if "$tuple" in value:
+            return tuple(_decode(v, tensors) for v in value["$tuple"])
+        if "$items" in value:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in value["$items"]}
+        return {k: _decode(v, tensors) for k, v in value.items()}
+    return value

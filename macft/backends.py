@@ -57,6 +57,10 @@ class Backend(Protocol):
     def memory_target(self, cfg: RunConfig, model_info: ModelInfo) -> Any:
         """A :class:`macft.estimate.memory.Target`: device, compute dtype and memory budget."""
 
+    # Optional: ``check_checkpoint(path) -> None`` raises a MacftError for a checkpoint this
+    # backend cannot (or must not) load; `macft train --resume` calls it before any weight
+    # is loaded. The engine's ``load_state`` checks again.
+
 
 REGISTRY: dict[str, tuple[str, str, str]] = {
     # name: (module, class, install hint)

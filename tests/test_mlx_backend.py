@@ -141,7 +141,8 @@ def test_resume_continues_the_same_loss_curve(tiny_gemma, nya_dir, tmp_path, mon
 
     a, b = losses(full), losses(part)
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(5, 41, 5))
-    assert np.allclose([x for _, x in a], [x for _, x in b], rtol=0, atol=1e-4), (a, b)
+    # exactly: a Ctrl-C inside a report's callbacks keeps that report and its step
+    assert a == b, (a, b)
 
 
 @pytest.fixture(scope="module")

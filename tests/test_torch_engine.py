@@ -215,3 +215,56 @@ def test_cpu_peak_memory_is_this_process_not_its_launcher():
                           "print(peak_rss_bytes())"], capture_output=True, text=True, check=True)
     del ballast
     assert int(out.stdout) < 400 * 1024 * 1024, int(out.stdout)
+
+
+@pytest.mark.parametrize("kind", ["AdamW", "AdamW8bit"])
+def test_optimizer_and_rng_state_round_trip_without_pickle(kind):
+    """The checkpoint's optimizer state (torch AdamW, bitsandbytes' 8-bit AdamW with its
+    nested, shared quantization tensors) and RNG states go through safetensors + JSON and
+    continue exactly as the original."""
+    import json
+    import random
+
+    from safetensors.torch import load, save
+
+    from cuda_backend.engine import _decode, _encode, _numpy_rng_state, _set_numpy_rng_state
+
+    def make(params):
+        if kind == "AdamW":
+            return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+        bnb = pytest.importorskip("bitsandbytes")
+        return bnb.optim.AdamW8bit(params, lr=1e-3, weight_decay=0.01, min_8bit_size=0)
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 64, generator=gen)),
+              torch.nn.Parameter(torch.randn(8, 300, generator=gen))]
+    opt = make(params)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    tensors: dict = {}
+    meta = json.dumps({"optimizer": _encode(opt.state_dict(), "optimizer", tensors),
+                       "rng": _encode({"python": random.getstate(), "numpy": _numpy_rng_state(),
+                                       "torch": torch.get_rng_state()}, "rng", tensors)})
+    blob = save(tensors)
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+
+    params2 = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = make(params2)
+    back = json.loads(meta)
+    loaded = load(blob)
+    opt2.load_state_dict(_decode(back["optimizer"], loaded))
+    rng = _decode(back["rng"], loaded)
+    random.setstate(rng["python"])
+    _set_numpy_rng_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+    assert opt2.param_groups[0]["betas"] == opt.param_groups[0]["betas"]  # a tuple again
+    for p, q in zip(params, params2):
+        g = torch.randn(p.shape, generator=gen)
+        p.grad, q.grad = g, g.clone()
+    opt.step()
+    opt2.step()
+    for p, q in zip(params, params2):
+        assert torch.equal(p, q)

@@ -30,8 +30,11 @@ from ..training.progress import RichProgress, summary_table
 from ..training.rundir import (
     LossPlot,
     MetricsWriter,
+    RunLock,
+    make_run_dir,
     prepare_run_dir,
     remove_failed_run,
+    remove_temporaries,
     truncate_metrics,
     write_text_atomic,
 )
@@ -43,15 +46,16 @@ RESUME_OVERRIDABLE = {"train.iters", "train.epochs", "train.eval_every", "train.
 
 
 def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path | None]:
-    """The run's config (CLI > YAML > defaults) and, for --resume, the checkpoint."""
+    """The run's config (CLI > YAML > defaults) and, for --resume, the checkpoint (None when
+    the run stopped before writing one: it then starts again from step 0)."""
     values = cli_values(args, ("model", "lora", "data", "train"))
     if args.resume:
         run_dir = Path(args.resume)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise MacftError(f"--resume {run_dir} is a file, not a run directory.",
+                             "Pass the directory that `macft train` wrote (it holds config.yaml).")
         saved, _ = load_run_config(run_dir)
         ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise MacftError(f"{run_dir} has no checkpoint to resume from.",
-                             "Start a new run; checkpoints are written every --save-every steps and on Ctrl-C.")
         bad = sorted(set(values) - RESUME_OVERRIDABLE)
         if bad or args.config:
             raise MacftError(
@@ -114,6 +118,11 @@ def prepare(cfg: RunConfig, args: argparse.Namespace, main_process: bool = True,
     problems = backend.check(cfg, model_info)
     if problems:
         raise BackendUnavailable(name, problems)
+    if cfg.lora.layers > model_info.num_layers:
+        raise MacftError(
+            f"--lora-layers {cfg.lora.layers} asks for more transformer blocks than {cfg.model.name} "
+            f"has: it has {model_info.num_layers}.",
+            f"Use --lora-layers {model_info.num_layers} or fewer, or -1 to adapt all of them.")
 
     # -- data --------------------------------------------------------------------
     tok = load_tokenizer(str(model_path))
@@ -128,7 +137,7 @@ def prepare(cfg: RunConfig, args: argparse.Namespace, main_process: bool = True,
         t = prog.add_task("tokenizing", total=None)
         data = build_data(cfg.data.train, cfg.data.valid, renderer, fmt=cfg.data.format,  # type: ignore[arg-type]
                           max_seq_len=cfg.data.max_seq_len, valid_fraction=cfg.data.valid_fraction,
-                          seed=cfg.train.seed, split=cfg.data.split,
+                          seed=cfg.train.seed, split=cfg.data.split, encoding=cfg.data.encoding,
                           progress=lambda n: prog.advance(t, n))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     rehearsal = load_rehearsal(cfg, renderer)
@@ -171,7 +180,29 @@ def run(args: argparse.Namespace) -> int:
     cfg, ckpt = resolve(args)
     validate(cfg)
     main_process = launcher_rank() == 0
+    lock: RunLock | None = None
+    if args.resume and main_process:
+        # before the data is read: a second process on the same run is refused at once
+        lock = RunLock(Path(args.resume)).acquire()
+    elif main_process:
+        # an --output that cannot be used is refused before the data is read too
+        cfg.train.output = str(prepare_run_dir(cfg.train.output, cfg.model.name))  # type: ignore[arg-type]
+    try:
+        return _run_locked(args, cfg, ckpt, main_process, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(args: argparse.Namespace, cfg: RunConfig, ckpt: Path | None, main_process: bool,
+                lock: RunLock | None) -> int:
     p = prepare(cfg, args, main_process)
+    if ckpt is not None:
+        check = getattr(p.backend, "check_checkpoint", None)
+        if check is not None:
+            check(ckpt)  # before any weight is loaded
+    if args.resume:
+        _check_same_base(Path(args.resume), p.model_path, getattr(args, "force", False))
     if main_process:
         check_memory(p, getattr(args, "force", False))
     name, backend, model_path, model_info = p.backend_name, p.backend, p.model_path, p.model_info
@@ -179,39 +210,72 @@ def run(args: argparse.Namespace) -> int:
 
     # -- run directory -------------------------------------------------------------
     created = False
-    if ckpt is None and not main_process:
+    if not args.resume and not main_process:
         # other data-parallel processes write nothing; rank 0 creates the directory
         run_dir = Path(cfg.train.output or Path("runs") / "rank-nonzero-unused")
-    elif ckpt is None:
+    elif not args.resume:
         run_dir = prepare_run_dir(cfg.train.output, cfg.model.name)  # type: ignore[arg-type]
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_run_dir(run_dir)
         created = True
+        lock = RunLock(run_dir).acquire()
     else:
         run_dir = Path(cfg.train.output)  # type: ignore[arg-type]
-        pos = read_position(ckpt)
-        if pos.step >= steps:
-            raise MacftError(f"{run_dir} already finished {pos.step} of {steps} steps.",
-                             "Raise --iters (or --epochs) to train further.")
         if main_process:
-            truncate_metrics(run_dir, pos.step)
-            console.print(f"Resuming {run_dir} from step {pos.step} ({ckpt.name}).")
-    resolved = _resolved(cfg, name, backend.device(), model_path, model_info, renderer, data, steps)
-    resolved["preset"] = getattr(args, "preset", None)
-    if main_process:
-        write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg, resolved))
-
-    job = TrainJob(cfg, model_path, model_info, p.tokenizer, data, plan, valid, settings, run_dir, ckpt)
-    callbacks: list[TrainingCallback] = (
-        [RichProgress(), MetricsWriter(run_dir), LossPlot(run_dir)] if main_process else [])
+            removed = remove_temporaries(run_dir)
+            if removed:
+                console.print(f"Removed {len(removed)} half-written file(s) left by an interrupted run "
+                              f"({', '.join(str(r.relative_to(run_dir)) for r in removed[:3])}"
+                              f"{' ...' if len(removed) > 3 else ''}).")
+        if ckpt is None:
+            if main_process:
+                truncate_metrics(run_dir, -1)
+                console.print(f"[yellow]{run_dir} has no complete checkpoint (it stopped before writing "
+                              "its first one): training it again from step 0 with its saved settings.[/]")
+        else:
+            pos = read_position(ckpt)
+            if pos.step >= steps:
+                raise MacftError(f"{run_dir} already finished {pos.step} of {steps} steps.",
+                                 "Raise --iters (or --epochs) to train further.")
+            if main_process:
+                truncate_metrics(run_dir, pos.step)
+                console.print(f"Resuming {run_dir} from step {pos.step} ({ckpt.name}).")
     try:
-        result = backend.train(job, CallbackList(callbacks))
-    except BaseException:
-        if created:
-            remove_failed_run(run_dir)
-        raise
-    if main_process and not getattr(args, "calibration", False):
-        _finish(run_dir, cfg, result, job, resolved)
-    return 130 if result.interrupted else 0
+        resolved = _resolved(cfg, name, backend.device(), model_path, model_info, renderer, data, steps)
+        resolved["preset"] = getattr(args, "preset", None)
+        if main_process:
+            write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg, resolved))
+
+        job = TrainJob(cfg, model_path, model_info, p.tokenizer, data, plan, valid, settings, run_dir, ckpt)
+        callbacks: list[TrainingCallback] = (
+            [RichProgress(), MetricsWriter(run_dir), LossPlot(run_dir)] if main_process else [])
+        try:
+            result = backend.train(job, CallbackList(callbacks))
+        except BaseException:
+            if created:
+                remove_failed_run(run_dir)
+            raise
+        if main_process and not getattr(args, "calibration", False):
+            _finish(run_dir, cfg, result, job, resolved)
+        return 130 if result.interrupted else 0
+    finally:
+        if created and lock is not None:
+            lock.release()
+
+
+def _check_same_base(run_dir: Path, model_path: Path, force: bool) -> None:
+    """A resumed run must train on the weights it started on (a hub model may have changed)."""
+    from ..fingerprint import compare
+
+    _, resolved = load_run_config(run_dir)
+    cmp = compare(resolved.get("base_fingerprint"), model_path)
+    if cmp is None or (cmp.same and not cmp.config_differs):
+        return
+    msg = f"The base model {model_path} is not the one {run_dir} started training on: {cmp.describe()}."
+    if force:
+        warn(msg + " Going ahead (--force).")
+        return
+    raise MacftError(msg, "Resume with the base the run started on (model.name and model.revision in its "
+                          "config.yaml), or pass --force to go on anyway.")
 
 
 def load_rehearsal(cfg: RunConfig, renderer: Renderer) -> list | None:
@@ -222,7 +286,7 @@ def load_rehearsal(cfg: RunConfig, renderer: Renderer) -> list | None:
     from ..data.readers import resolve_sources
 
     src, _ = resolve_sources(cfg.data.rehearsal_data, None)
-    _, samples = load_samples(src, "auto", cfg.data.split)
+    _, samples = load_samples(src, "auto", cfg.data.split, cfg.data.encoding)
     examples, stats = tokenize_samples(samples, renderer, cfg.data.max_seq_len, src)
     if not examples:
         raise MacftError(f"No usable example in the rehearsal data {src}.",
@@ -259,6 +323,7 @@ def _print_data_summary(data: Any, plan: BatchPlan, renderer: Renderer, model_na
 def _resolved(cfg: RunConfig, backend: str, device: str, model_path: Path, model_info: ModelInfo,
               renderer: Renderer, data: Any, steps: int) -> dict[str, Any]:
     from ..data.render import FALLBACK_TEMPLATE
+    from ..fingerprint import base_fingerprint
 
     return {
         "macft_version": __version__,
@@ -279,6 +344,8 @@ def _resolved(cfg: RunConfig, backend: str, device: str, model_path: Path, model
         "train_stats": data.train_stats.summary(),
         "valid_stats": data.valid_stats.summary() if data.valid_stats else None,
         "total_steps": steps,
+        # which weights the adapter belongs to: export, chat and eval compare it with their base
+        "base_fingerprint": base_fingerprint(model_path),
     }
 
 

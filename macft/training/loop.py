@@ -11,23 +11,27 @@
 - validation every ``eval_every`` steps and at the end; the adapter with the best
   validation loss is kept in ``best_adapter/`` beside the last one in ``adapter/``.
 - a checkpoint every ``save_every`` steps, on Ctrl-C and at the end: adapter,
-  optimizer state, RNG state, step and data position. ``resume`` continues the
-  same loss curve.
+  optimizer state, RNG state, step, data position and the loss report in progress.
+  ``resume`` writes the same metrics rows as an uninterrupted run. A Ctrl-C mid-step
+  discards that step's gradients and checkpoints the step before it.
+- directories are written under a temporary name and renamed; a failed write (a full
+  disk) removes its temporary and leaves the previous checkpoint in place.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import shutil
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Protocol
 
 from ..data.batching import Batch, BatchPlan
-from ..errors import MacftError
+from ..errors import MacftError, os_error_message
 from .events import (
     CheckpointSaved,
     EvalReport,
@@ -36,6 +40,7 @@ from .events import (
     TrainingCallback,
     TrainStart,
 )
+from .rundir import replace_dir
 from .schedule import Schedule
 
 KEEP_CHECKPOINTS = 2
@@ -108,6 +113,8 @@ class LoopResult:
 
 @dataclass
 class Position:
+    """Where training stands after ``step`` optimizer steps; saved in every checkpoint."""
+
     step: int = 0
     epoch: int = 0
     index: int = 0
@@ -115,6 +122,11 @@ class Position:
     best_val_loss: float | None = None
     best_step: int | None = None
     train_seconds: float = 0.0
+    # the training-loss report in progress (steps since the last one), so that a resumed run
+    # reports the same numbers as an uninterrupted one (defaults: older checkpoints)
+    window_loss: float = 0.0
+    window_tokens: int = 0
+    window_seconds: float = 0.0
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -124,7 +136,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def read_position(ckpt: Path) -> Position:
-    return Position(**json.loads((ckpt / STATE_FILE).read_text()))
+    raw = json.loads((ckpt / STATE_FILE).read_text())
+    known = {f.name for f in fields(Position)}
+    return Position(**{k: v for k, v in raw.items() if k in known})
 
 
 def _rank_stream(plan: BatchPlan, pos: Position, rank: int, world: int) -> Iterator[tuple[int, int, Batch]]:
@@ -169,7 +183,6 @@ def train(
         trainable_params=trainable, total_params=total_params))
 
     stream = _rank_stream(plan, pos, engine.rank, engine.world_size)
-    window_loss, window_tokens, window_time = 0.0, 0, 0.0
     last_train_loss: float | None = None
     last_val: float | None = None
     t_start = time.perf_counter()
@@ -223,18 +236,20 @@ def train(
             pos.step = step
             pos.trained_tokens += n_all
             pos.train_seconds += dt
-            window_loss += loss_sum
-            window_tokens += n_all
-            window_time += dt
+            pos.window_loss += loss_sum
+            pos.window_tokens += n_all
+            pos.window_seconds += dt
             if step % settings.log_every == 0 or step == settings.total_steps:
-                last_train_loss = window_loss / window_tokens
-                callback.on_step(StepReport(
+                last_train_loss = pos.window_loss / pos.window_tokens
+                report = StepReport(
                     step=step, epoch=_epoch_float(pos, per_epoch), loss=last_train_loss,
                     learning_rate=lr, grad_norm=gnorm,
-                    tokens_per_sec=window_tokens / window_time if window_time > 0 else 0.0,
+                    tokens_per_sec=pos.window_tokens / pos.window_seconds if pos.window_seconds > 0 else 0.0,
                     trained_tokens=pos.trained_tokens, peak_memory_gb=engine.peak_memory_gb(),
-                    elapsed_sec=time.perf_counter() - t_start))
-                window_loss, window_tokens, window_time = 0.0, 0, 0.0
+                    elapsed_sec=time.perf_counter() - t_start)
+                # the window closes before the callbacks: a Ctrl-C inside them keeps this step
+                pos.window_loss, pos.window_tokens, pos.window_seconds = 0.0, 0, 0.0
+                callback.on_step(report)
             if settings.eval_every and step % settings.eval_every == 0 and step != settings.total_steps:
                 do_eval(step)
             if settings.save_every and step % settings.save_every == 0 and step != settings.total_steps:
@@ -273,13 +288,9 @@ def _epoch_float(pos: Position, per_epoch: int) -> float:
 
 def _save_adapter_atomic(engine: Engine, dest: Path) -> None:
     tmp = dest.with_name(dest.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    engine.save_adapter(tmp)
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
+    _write_dir(tmp, engine.save_adapter, f"writing the adapter {dest.name}/", engine,
+               previous=latest_checkpoint(dest.parent), run_dir=dest.parent)
+    replace_dir(tmp, dest)
 
 
 def _checkpoint(engine: Engine, run_dir: Path, pos: Position, callback: TrainingCallback,
@@ -289,15 +300,86 @@ def _checkpoint(engine: Engine, run_dir: Path, pos: Position, callback: Training
     root = run_dir / "checkpoints"
     dest = root / f"step-{pos.step:06d}"
     tmp = root / f".step-{pos.step:06d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    engine.save_adapter(tmp)
-    engine.save_state(tmp)
-    (tmp / STATE_FILE).write_text(json.dumps(vars(pos), indent=1))
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
+
+    def write(d: Path) -> None:
+        engine.save_adapter(d)
+        engine.save_state(d)
+        (d / STATE_FILE).write_text(json.dumps(vars(pos), indent=1))
+
+    _write_dir(tmp, write, f"writing the checkpoint of step {pos.step}", engine,
+               previous=latest_checkpoint(run_dir), run_dir=run_dir)
+    replace_dir(tmp, dest)
     for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     callback.on_checkpoint(CheckpointSaved(pos.step, dest, reason))
+
+
+def _write_dir(tmp: Path, write: Callable[[Path], None], doing: str, engine: Engine,
+               previous: Path | None = None, run_dir: Path | None = None) -> None:
+    """Fill the fresh directory ``tmp`` with ``write``; on any failure remove it. A full disk
+    (or another OS error) becomes a :class:`MacftError` saying how much room it needs."""
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+    except BaseException as e:
+        written = _dir_bytes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(e, tmp.parent):
+            raise _disk_full_error(tmp, doing, engine, written, previous, run_dir) from e
+        if isinstance(e, OSError):
+            msg, hint = os_error_message(e, doing)
+            raise MacftError(msg, hint) from e
+        raise
+
+
+def _disk_full(e: BaseException, where: Path) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not isinstance(e, Exception):
+        return False
+    # safetensors (Rust) reports the OS error in its own words
+    text = str(e)
+    if any(t in text for t in ("No space left", "StorageFull", "os error 28", "Disk quota")):
+        return True
+    # MLX only says "[write] Unable to write N bytes to file.": full if the disk nearly is
+    if "Unable to write" in text:
+        try:
+            return shutil.disk_usage(where).free < 16 * 2**20
+        except OSError:
+            return False
+    return False
+
+
+def _disk_full_error(tmp: Path, doing: str, engine: Engine, written: int, previous: Path | None,
+                     run_dir: Path | None) -> MacftError:
+    from ..ui import human_bytes
+
+    # about: the last checkpoint's size, or the fp32 adapter plus two AdamW moments
+    need = max(written, _dir_bytes(previous) if previous else 0, 12 * engine.param_counts()[0])
+    where = tmp.parent
+    try:
+        free = f"{human_bytes(shutil.disk_usage(where).free)} is free there"
+    except OSError:
+        free = "the free space there is unknown"
+    msg = f"The disk is full: {doing} into {tmp} needs about {human_bytes(need)}, and {free}."
+    if previous is not None and run_dir is not None:
+        hint = (f"Free some space on that disk; {previous.name} is intact, and "
+                f"`macft train --resume {run_dir}` continues from it.")
+    else:
+        hint = "Free some space on that disk (or use --output on a bigger one), then run the command again."
+    return MacftError(msg, hint)
+
+
+def _dir_bytes(path: Path | None) -> int:
+    if path is None or not path.is_dir():
+        return 0
+    total = 0
+    for f in path.rglob("*"):
+        try:
+            if f.is_file():
+                total += f.stat().st_size
+        except OSError:
+            pass
+    return total

@@ -13,6 +13,10 @@
       mlx_adapter/         mlx-lm native adapter (MLX backend; `mlx_lm.generate --adapter-path`)
       checkpoints/step-N/  resumable state (adapter, optimizer, RNG, data position)
       summary.json         final numbers
+      .macft.lock          held (flock) by the process training this run
+
+Every file is written to a temporary name and renamed; a process killed mid-write leaves
+only temporaries, which the next ``macft train`` on the run removes.
 """
 
 from __future__ import annotations
@@ -26,10 +30,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..errors import MacftError
+from ..errors import MacftError, os_error_message
 from .events import EvalReport, StepReport, TrainEnd, TrainingCallback
 
 METRICS = "metrics.jsonl"
+LOCK_FILE = ".macft.lock"
+# what a killed process leaves behind: directories being written, the previous version of a
+# directory being replaced, files being written (write_text_atomic, plot_losses)
+TEMPORARIES = ("checkpoints/.step-*.tmp", "adapter.tmp", "best_adapter.tmp", ".*.tmp", ".loss.tmp.png")
 
 
 def default_run_name(model: str) -> str:
@@ -40,13 +48,114 @@ def default_run_name(model: str) -> str:
 def prepare_run_dir(output: str | None, model: str) -> Path:
     """The run directory path; refuses to overwrite an earlier run."""
     path = Path(output) if output else Path("runs") / default_run_name(model)
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and not path.is_dir():
+        raise MacftError(f"--output {path} is an existing file, not a directory.",
+                         "Choose a new (or empty) directory for --output.")
+    if path.exists() and any(p.name != LOCK_FILE for p in path.iterdir()):
         if (path / "config.yaml").exists():
+            from .loop import latest_checkpoint
+
+            if latest_checkpoint(path) is None:
+                raise MacftError(
+                    f"{path} already holds a run, which stopped before its first checkpoint.",
+                    f"Start it again with its saved settings: `macft train --resume {path}`; "
+                    "or choose another --output.")
             raise MacftError(
                 f"{path} already holds a run.",
                 f"Continue it with `macft train --resume {path}`, or choose another --output.")
         raise MacftError(f"{path} exists and is not empty.", "Choose another --output.")
     return path
+
+
+def make_run_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        msg, hint = os_error_message(e, f"creating the run directory {path}")
+        raise MacftError(msg, hint) from None
+
+
+class RunLock:
+    """An exclusive lock on a run directory (``flock`` on :data:`LOCK_FILE`), so two
+    processes never train the same run. The kernel releases it when the process dies, even
+    by SIGKILL: a stale lock file locks nothing."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # (Windows: no flock; macft does not train there)
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            pid = _read_pid(self.path)
+            who = f"process {pid}" if pid else "another process"
+            raise MacftError(
+                f"{self.path.parent} is being trained by {who} (macft train) right now.",
+                f"Wait for it to finish, or stop it (Ctrl-C in its terminal{f', or kill {pid}' if pid else ''}); "
+                "then run this command again.") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Put the complete directory ``tmp`` in place of ``dest``. The old ``dest`` is moved
+    aside, not deleted, until the new one is in place; :func:`remove_temporaries` puts it
+    back if the process dies in between."""
+    old = dest.with_name(f".{dest.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_temporaries(run_dir: Path) -> list[Path]:
+    """Remove what an interrupted or killed process left half-written in ``run_dir`` (call it
+    while holding the :class:`RunLock`). Returns the paths removed."""
+    removed = []
+    for old in [*run_dir.glob(".*.old"), *run_dir.glob("checkpoints/.step-*.old")]:
+        dest = old.with_name(old.name[1:-len(".old")])
+        if not dest.exists():
+            old.rename(dest)  # died between moving the old version aside and the new one in
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
+    for pattern in TEMPORARIES:
+        for p in run_dir.glob(pattern):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def write_text_atomic(path: Path, text: str) -> None:
