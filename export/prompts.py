@@ -58,15 +58,16 @@ def run_samples(cfg: Any, resolved: dict) -> tuple[list[Any], str, list[str]]:
     data = cfg.data
     if not data.train and not data.valid:
         return [], "", ["the run's config names no data"]
+    enc = getattr(data, "encoding", "auto")  # as training read it
     try:
         if data.valid:
-            _, samples = load_samples(data.valid, data.format, "validation")
+            _, samples = load_samples(data.valid, data.format, "validation", enc)
             return samples, f"validation file {data.valid}", []
         train_src, valid_src = resolve_sources(data.train, None)
         if valid_src:
-            _, samples = load_samples(valid_src, data.format, "validation")
+            _, samples = load_samples(valid_src, data.format, "validation", enc)
             return samples, f"validation file {valid_src}", []
-        _, rows = load_samples(train_src, data.format, data.split)
+        _, rows = load_samples(train_src, data.format, data.split, enc)
         _, held = split_valid(rows, data.valid_fraction, cfg.train.seed)
         return held, f"{len(held)} rows held out of {train_src} (seed {cfg.train.seed})", []
     except MacftError as e:
@@ -79,7 +80,7 @@ def file_samples(path: str) -> list[Any]:
     if not Path(path).is_file():
         raise MacftError(f"--prompts {path} does not exist.", "Pass a JSONL file of chat rows "
                          '({"messages": [...]}) or prompt rows ({"prompt": ..., "completion": ...}).')
-    _, samples = load_samples(path)
+    _, samples = load_samples(path, encoding_option=None)  # detected: export has no --encoding
     return samples
 
 

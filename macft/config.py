@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+from .data.textio import encoding_problem
 from .errors import ConfigError, MacftError
 
 QUANTIZE_CHOICES = ("none", "4bit", "8bit")
@@ -91,6 +93,10 @@ class DataConfig:
         False, "Pack several examples into one sequence (no attention across examples) "
         "instead of length-grouped padded batches.")
     split: str = opt("train", "Split to read when --data is a Hugging Face dataset id.")
+    encoding: str = opt(
+        "auto", "Text encoding of JSONL/JSON/CSV data (train, valid and rehearsal files): 'auto' reads "
+        "UTF-8 and detects others (Shift-JIS/CP932, EUC-JP, UTF-16) with a note; or force one, "
+        "e.g. cp932, euc-jp, utf-16.")
     rehearsal_data: Optional[str] = opt(
         None, "General data mixed into training to limit forgetting (same formats as --data).")
     rehearsal_ratio: float = opt(
@@ -263,14 +269,19 @@ def coerce(value: Any, tp: Any, from_text: bool = False) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ValueError("expected a number")
+        number: float | None = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 2e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads 2e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ValueError("expected a number")
+        if number is None:
+            raise ValueError("expected a number")
+        if not math.isfinite(number):  # float() takes "nan" and "inf"; no setting means them
+            raise ValueError("expected a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -384,6 +395,17 @@ def validate(cfg: RunConfig, require: tuple[str, ...] = ()) -> None:
         if getattr(getattr(cfg, sec), name) in (None, ""):
             p.append(f"{key} is required (flag {specs[key].flag})")
     lo, da, tr, ex = cfg.lora, cfg.data, cfg.train, cfg.export
+    # NaN passes every range check below (each comparison is False) and inf passes some:
+    # refuse non-finite numbers first, and check ranges only on finite ones.
+    nonfinite: set[str] = set()
+    for spec in specs.values():
+        v = getattr(getattr(cfg, spec.section), spec.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            nonfinite.add(spec.key)
+            p.append(f"{spec.key} must be a finite number, got {v} (flag {spec.flag})")
+    if nonfinite:
+        cfg = _finite_copy(cfg, nonfinite)
+        lo, da, tr, ex = cfg.lora, cfg.data, cfg.train, cfg.export
     if lo.rank < 1:
         p.append(f"lora.rank must be at least 1, got {lo.rank}")
     if lo.alpha <= 0:
@@ -427,11 +449,26 @@ def validate(cfg: RunConfig, require: tuple[str, ...] = ()) -> None:
         p.append(f"train.distill_temperature must be positive, got {tr.distill_temperature}")
     if tr.weight_decay < 0:
         p.append(f"train.weight_decay must be 0 or positive, got {tr.weight_decay}")
+    if (why := encoding_problem(da.encoding)) is not None:
+        p.append(f"data.encoding: {why} (flag --encoding)")
     bad = [q for q in ex.quant if q.lower() not in QUANT_TYPES]
     if bad:
         p.append(f"export.quant: unknown type(s) {', '.join(bad)}; valid: {', '.join(QUANT_TYPES)}")
     if p:
         raise ConfigError(p)
+
+
+def _finite_copy(cfg: RunConfig, keys: set[str]) -> RunConfig:
+    """``cfg`` with the fields ``keys`` back at their defaults (their problem is already listed)."""
+    defaults = RunConfig()
+    sections = {}
+    for sec in SECTIONS:
+        names = {k.split(".")[1] for k in keys if k.startswith(sec + ".")}
+        part = getattr(cfg, sec)
+        if names:
+            part = dataclasses.replace(part, **{n: getattr(getattr(defaults, sec), n) for n in names})
+        sections[sec] = part
+    return RunConfig(**sections)
 
 
 # --------------------------------------------------------------------------- saving

@@ -118,3 +118,46 @@ def test_readme_models_table_is_current():
     assert _readme_block("models-table") == models_markdown(), (
         "README's Models table is stale; regenerate it with "
         "`python -c 'from macft.support import models_markdown; print(models_markdown())'`")
+
+
+@pytest.mark.parametrize("flag_key,raw", [("lora.alpha", "nan"), ("lora.alpha", "inf"),
+                                          ("train.learning_rate", "-inf"), ("lora.dropout", "NaN"),
+                                          ("train.weight_decay", "infinity")])
+def test_non_finite_numbers_from_the_command_line(flag_key, raw):
+    with pytest.raises(ConfigError) as e:
+        build_config(None, {flag_key: raw, "train.iters": "ten"})
+    msg = str(e.value)
+    flag = {s.key: s.flag for s in field_specs()}[flag_key]
+    assert f"{flag}: expected a finite number, got '{raw}'" in msg
+    assert "2 configuration problems" in msg  # listed with the others
+
+
+def test_non_finite_numbers_from_yaml_and_code(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("lora:\n  alpha: .nan\ntrain:\n  max_grad_norm: .inf\n")
+    with pytest.raises(ConfigError) as e:
+        build_config(y)
+    msg = str(e.value)
+    assert "lora.alpha: expected a finite number" in msg and "train.max_grad_norm: expected a finite number" in msg
+    cfg = RunConfig()
+    cfg.lora.alpha = float("nan")
+    cfg.train.learning_rate = float("inf")
+    cfg.data.valid_fraction = float("nan")
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    msg = str(e.value)
+    assert "3 configuration problems" in msg  # once each: no second range complaint about the same value
+    for part in ("lora.alpha must be a finite number, got nan (flag --lora-alpha)",
+                 "train.learning_rate must be a finite number, got inf",
+                 "data.valid_fraction must be a finite number"):
+        assert part in msg, part
+
+
+def test_encoding_field():
+    cfg = build_config(None, {"data.encoding": "cp932"})
+    assert cfg.data.encoding == "cp932"
+    validate(cfg)
+    assert RunConfig().data.encoding == "auto"
+    assert {s.key: s.flag for s in field_specs()}["data.encoding"] == "--encoding"
+    with pytest.raises(ConfigError, match="data.encoding: unknown encoding 'sjis2'"):
+        validate(build_config(None, {"data.encoding": "sjis2"}))

@@ -265,3 +265,152 @@ def test_byte_level_bpe_masks_cover_whole_characters(tiny_qwen2):
     r = Renderer(tok).render(Sample(msgs, None, "x"))
     assert trained_text(tok, r) == ["空は青だにゃ<|im_end|>", "It is 5 にゃ<|im_end|>"]
     assert Renderer(tok).end_tokens() == ["<|im_end|>"]
+
+
+# --------------------------------------------------------------------------- issue 12: no traceback, bounded work
+
+GOOD_ROW = '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n'
+
+
+@pytest.mark.parametrize("row,key", [
+    ('{"text": "a", "text": "b"}\n', "text"),
+    ('{"messages": [{"role": "user", "content": "a", "content": "b"}, '
+     '{"role": "assistant", "content": "c"}]}\n', "content"),
+])
+def test_duplicate_keys_are_refused_with_line_and_key(tmp_path, row, key):
+    from macft.data.readers import read_records
+    from macft.errors import DataError
+
+    f = tmp_path / "dup.jsonl"
+    f.write_text(GOOD_ROW + row)
+    with pytest.raises(DataError) as e:
+        read_records(str(f))
+    assert e.value.where.line == 2
+    assert f"the key '{key}' appears twice" in str(e.value)
+    # a .json array: the line of the object holding the duplicate
+    j = tmp_path / "dup.json"
+    j.write_text("[\n" + GOOD_ROW.strip() + ",\n" + row.strip() + "\n]\n")
+    with pytest.raises(DataError) as e:
+        read_records(str(j))
+    assert e.value.where.line == 3 and f"'{key}' appears twice" in str(e.value)
+
+
+def test_duplicate_csv_header_and_huge_csv_field(tmp_path):
+    from macft.data.readers import read_records
+    from macft.errors import DataError
+
+    f = tmp_path / "d.csv"
+    f.write_text("prompt,completion,prompt\na,b,c\n")
+    with pytest.raises(DataError, match="line 1: the header names the column 'prompt' twice"):
+        read_records(str(f))
+    big = "長" * 300_000  # over csv.field_size_limit() (128 KiB) by default
+    f.write_text(f'prompt,completion\n"{big}",b\nq,"multi\nline"\nr,s\n', encoding="utf-8")
+    recs = read_records(str(f))
+    assert recs[0].data["prompt"] == big
+    assert [r.where.line for r in recs] == [2, 3, 5]  # a quoted line break spans lines 3-4
+
+
+def test_lone_surrogate_is_a_data_error(tmp_path, tok):
+    from macft.errors import DataError
+
+    f = tmp_path / "s.jsonl"
+    f.write_text(GOOD_ROW + '{"messages": [{"role": "user", "content": "a\\ud800b"}, '
+                 '{"role": "assistant", "content": "c"}]}\n')
+    with pytest.raises(DataError) as e:
+        build_data(str(f), None, Renderer(tok), max_seq_len=64, valid_fraction=0)
+    assert e.value.where.line == 2 and e.value.field == "messages[0].content"
+    assert "unpaired surrogate" in str(e.value)
+    str(e.value).encode("utf-8")  # printable
+
+
+def test_corrupt_parquet_is_a_data_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from macft.data.readers import read_records
+    from macft.errors import DataError
+
+    f = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist([{"text": "猫" * 50}] * 20), f)
+    raw = f.read_bytes()
+    f.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match="the Parquet file could not be read"):
+        read_records(str(f))
+
+
+class SpyTokenizer:
+    """Forwards to a tokenizer and records the length of every text it is asked to tokenize."""
+
+    def __init__(self, tok):
+        self._tok = tok
+        self.lengths: list[int] = []
+
+    def __call__(self, text, *a, **kw):
+        self.lengths.append(len(text))
+        return self._tok(text, *a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def test_huge_row_is_cut_before_tokenizing(tok, tmp_path):
+    """A multi-MB row costs what a row of CHARS_PER_TOKEN_BOUND x max_seq_len characters does."""
+    from macft.data.dataset import CHARS_PER_TOKEN_BOUND
+
+    huge = "猫はかわいい。" * 500_000  # 3.5 M characters, 10 MB of UTF-8
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "にゃ"},
+                          {"role": "user", "content": huge}, {"role": "assistant", "content": "ok"}]},
+            {"text": "x"}]
+    f = tmp_path / "huge.jsonl"
+    f.write_text(json.dumps(rows[0], ensure_ascii=False) + "\n")
+    spy = SpyTokenizer(tok)
+    r = Renderer(tok)
+    r.tok = spy
+    d = build_data(str(f), None, r, max_seq_len=64, valid_fraction=0)
+    bound = CHARS_PER_TOKEN_BOUND * 64
+    assert spy.lengths and max(spy.lengths) < bound + 500  # the bound plus the template's headers
+    s = d.train_stats
+    assert (s.rows, s.examples, s.truncated, s.dropped) == (1, 1, 1, 0)
+    # the first reply is kept whole, exactly as without the huge turn
+    ref = Renderer(tok).render(Sample(rows[0]["messages"][:2], None, "x"))
+    assert d.train[0].ids.tolist() == ref.ids[: len(d.train[0])]
+    assert tok.decode(d.train[0].ids[-1:].tolist()) == "<end_of_turn>"
+    # a huge first prompt leaves nothing to train: truncated and dropped, never tokenized whole
+    g = tmp_path / "huge2.jsonl"
+    g.write_text(GOOD_ROW + json.dumps({"messages": [{"role": "user", "content": huge},
+                                                      {"role": "assistant", "content": "ok"}]}) + "\n")
+    spy.lengths.clear()
+    d = build_data(str(g), None, r, max_seq_len=64, valid_fraction=0)
+    assert max(spy.lengths) < bound + 500
+    assert (d.train_stats.truncated, d.train_stats.dropped, d.train_stats.examples) == (1, 1, 1)
+
+
+def test_bound_sample_cuts_text_and_turns():
+    from macft.data.dataset import CHARS_PER_TOKEN_BOUND, bound_sample
+
+    t = Sample(None, "a" * (CHARS_PER_TOKEN_BOUND * 16 + 5), "x")
+    cut, was = bound_sample(t, 16)
+    assert was and len(cut.text) == CHARS_PER_TOKEN_BOUND * 16
+    short = Sample(None, "abc", "x")
+    assert bound_sample(short, 16) == (short, False)
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "w"} for i in range(100)]
+    cut, was = bound_sample(Sample(turns, None, "x"), 16)
+    assert was and len(cut.messages) == 16  # each turn holds at least one token
+    fits = Sample(turns[:10], None, "x")
+    assert bound_sample(fits, 16) == (fits, False)
+
+
+def test_conversations_ending_with_a_user_turn_warn_once(tok, tmp_path, capsys):
+    tail = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, ' \
+           '{"role": "user", "content": "unanswered"}]}\n'
+    f = tmp_path / "u.jsonl"
+    f.write_text(GOOD_ROW + tail + GOOD_ROW + tail + tail)
+    capsys.readouterr()
+    d = build_data(str(f), None, Renderer(tok), max_seq_len=128, valid_fraction=0)
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count("end with a user turn") == 1
+    assert f"3 conversations end with a user turn (the first: {f}, line 2)" in err
+    assert "Remove the trailing user turn" in err
+    assert d.train_stats.examples == 5
+    build_data(str(f), None, Renderer(tok, "all"), max_seq_len=128, valid_fraction=0)
+    assert "user turn" not in capsys.readouterr().err  # every token is trained there

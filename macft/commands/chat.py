@@ -31,7 +31,8 @@ def load(args: argparse.Namespace) -> Any:
     with status("Loading the model ..."):
         return load_chat_model(run=args.run, best=args.best, model=args.model, adapter=args.adapter,
                                gguf=args.gguf, lora_gguf=getattr(args, "lora_gguf", None),
-                               backend=args.backend, llama_cpp=args.llama_cpp)
+                               backend=args.backend, llama_cpp=args.llama_cpp,
+                               force=getattr(args, "force", False))
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -95,42 +96,67 @@ def run_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_prompts(path: str) -> list[list[dict[str, str]]]:
-    """A JSONL of prompts: {"prompt": ...}, {"messages": [...]} (up to the reply) or a bare string."""
+def read_prompts(path: str, encoding: str = "auto") -> list[list[dict[str, str]]]:
+    """A JSONL of prompts: {"prompt": ...}, {"messages": [...]} (up to the reply) or a bare string.
+
+    ``encoding``: the file's text encoding ("auto": UTF-8, others detected; see macft.data.textio)."""
+    from rich.markup import escape
+
+    from ..data.readers import parse_json
+    from ..data.textio import lone_surrogate, open_text
+    from ..ui import info
+
+    hint = 'Each line holds one prompt: a JSON string, {"prompt": "..."} or {"messages": [...]}.'
+
+    def text(value: Any, where: Location, field: str) -> str:
+        if not isinstance(value, str):
+            found = "null" if value is None else type(value).__name__
+            raise DataError(where, f"expected a string, found {found}", field=field, hint=hint)
+        if lone_surrogate(value) is not None:
+            raise DataError(where, "the text holds an unpaired surrogate (a broken \\u escape)", field=field,
+                            hint="Fix that \\u escape: a surrogate \\ud800-\\udbff must be followed by its "
+                                 "low half \\udc00-\\udfff.")
+        return value
+
     p = Path(path)
     if not p.is_file():
-        raise MacftError(f"Prompts file {p} does not exist.")
+        raise MacftError(f"Prompts file {p} does not exist.", "Check the path given to --prompts.")
+    tf = open_text(p, encoding)
+    if tf.note:
+        info(f"note: {escape(tf.note)}")
     out = []
-    for i, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for i, line in tf.lines():
         if not line.strip():
             continue
         where = Location(str(p), i)
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(where, f"invalid JSON ({e.msg})") from None
+        obj = parse_json(line.strip(), str(p), i, hint=hint)
         if isinstance(obj, str):
-            out.append([{"role": "user", "content": obj}])
-        elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-            out.append([{"role": "user", "content": obj["prompt"]}])
+            out.append([{"role": "user", "content": text(obj, where, "(the line)")}])
+        elif isinstance(obj, dict) and "prompt" in obj:
+            out.append([{"role": "user", "content": text(obj["prompt"], where, "prompt")}])
         elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-            msgs = obj["messages"]
-            while msgs and msgs[-1].get("role") == "assistant":
+            msgs = []
+            for j, m in enumerate(obj["messages"]):
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str)):
+                    raise DataError(where, 'expected an object with "role" and "content"',
+                                    field=f"messages[{j}]", hint=hint)
+                msgs.append({"role": m["role"], "content": text(m.get("content"), where, f"messages[{j}].content")})
+            while msgs and msgs[-1]["role"] == "assistant":
                 msgs = msgs[:-1]
             if not msgs:
-                raise DataError(where, "the conversation has no user turn", field="messages")
+                raise DataError(where, "the conversation has no user turn", field="messages", hint=hint)
             out.append(msgs)
         else:
-            raise DataError(where, "expected a string, {\"prompt\": ...} or {\"messages\": [...]}")
+            raise DataError(where, 'expected a string, {"prompt": ...} or {"messages": [...]}', hint=hint)
     if not out:
-        raise DataError(Location(str(p)), "the file holds no prompts")
+        raise DataError(Location(str(p)), "the file holds no prompts", hint=hint)
     return out
 
 
 def run_generate(args: argparse.Namespace) -> int:
     if not args.prompt and not args.prompts:
         raise MacftError("Nothing to answer.", "Give --prompt TEXT or --prompts FILE.jsonl.")
-    prompts = ([[{"role": "user", "content": args.prompt}]] if args.prompt else read_prompts(args.prompts))
+    prompts = ([[{"role": "user", "content": args.prompt}]] if args.prompt else read_prompts(args.prompts, args.encoding))
     if args.system:
         prompts = [m if m[0]["role"] == "system" else [{"role": "system", "content": args.system}] + m
                    for m in prompts]

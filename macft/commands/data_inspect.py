@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     renderer = renderer_for(tok, cfg.data.loss_on, cfg.data.chat_template)
     data = build_data(cfg.data.train, cfg.data.valid, renderer, fmt=cfg.data.format,  # type: ignore[arg-type]
                       max_seq_len=cfg.data.max_seq_len, valid_fraction=cfg.data.valid_fraction,
-                      seed=cfg.train.seed, split=cfg.data.split)
+                      seed=cfg.train.seed, split=cfg.data.split, encoding=cfg.data.encoding)
     report = make_report(data, renderer)
     report["suggested_chat_template"] = suggest(cfg.model.name, _model_type(cfg.model.name), tok)
     if args.json:

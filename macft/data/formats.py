@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DataError
-from .readers import Record
+from .readers import Record, shown
+from .textio import lone_surrogate
 
 ROLE_ALIASES = {
     "system": "system",
@@ -67,7 +68,7 @@ def detect_format(rec: Record) -> str:
         return "text"
     raise DataError(
         rec.where,
-        f"the row has none of the keys of a known format (found: {', '.join(sorted(keys)) or 'no keys'})",
+        f"the row has none of the keys of a known format (found: {_keys(rec)})",
         hint="Use one of: messages (chat), conversations (ShareGPT), instruction + output (alpaca), "
              "prompt + completion, or text. See README 'Data formats'.")
 
@@ -91,9 +92,14 @@ def _string(rec: Record, field: str, value: Any, *, allow_empty: bool = False) -
     if not isinstance(value, str):
         raise DataError(rec.where, f"expected a string, found {_typename(value)}", field=field,
                         hint="Every message content must be a non-empty string.")
-    if not allow_empty and not value.strip():
+    if not allow_empty and (not value or value.isspace()):  # no copy of a huge string
         raise DataError(rec.where, "the content is empty", field=field,
                         hint="Remove the row or give the turn its text.")
+    if (at := lone_surrogate(value)) is not None:
+        raise DataError(rec.where, f"the text holds an unpaired surrogate ({shown(value[at])} at character "
+                        f"{at + 1}), which is not a character and cannot be tokenized", field=field,
+                        hint="Fix that \\u escape in the JSON: a surrogate \\ud800-\\udbff must be followed by "
+                             "its low half \\udc00-\\udfff (e.g. \\ud83d\\ude00), or be removed.")
     return value
 
 
@@ -101,11 +107,20 @@ def _typename(v: Any) -> str:
     return "null" if v is None else type(v).__name__
 
 
+def _keys(rec: Record, limit: int = 12) -> str:
+    """The row's keys for a message (escaped; the first ``limit``)."""
+    keys = sorted(str(k) for k in rec.data)
+    if not keys:
+        return "no keys"
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(k if k.isprintable() and len(k) <= 40 else shown(k, 40) for k in keys[:limit]) + more
+
+
 def _require(rec: Record, fmt: str, *keys: str) -> None:
     missing = [k for k in keys if k not in rec.data]
     if missing:
         raise DataError(rec.where, f"missing key '{missing[0]}' for the {fmt} format "
-                        f"(found: {', '.join(sorted(rec.data)) or 'no keys'})", field=missing[0],
+                        f"(found: {_keys(rec)})", field=missing[0],
                         hint=f"Every row of one file must use the same format; {fmt} rows need "
                              f"{' + '.join(FORMAT_KEYS[fmt])}.")
 
@@ -126,7 +141,7 @@ def _turns(rec: Record, key: str, role_key: str, content_key: str, fmt: str) -> 
         raw_role = t[role_key]
         role = ROLE_ALIASES.get(raw_role.strip().lower()) if isinstance(raw_role, str) else None
         if role is None:
-            raise DataError(rec.where, f"unknown role {raw_role!r}", field=f"{f}.{role_key}",
+            raise DataError(rec.where, f"unknown role {shown(raw_role)}", field=f"{f}.{role_key}",
                             hint="Roles must be system, user or assistant "
                                  "(ShareGPT: system, human, gpt).")
         if content_key not in t:
