@@ -29,7 +29,8 @@ def export(args: argparse.Namespace) -> int:
             raise MacftError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
     options = ExportOptions(prompts_file=args.prompts, n_prompts=args.verify_prompts,
                             max_new_tokens=args.max_new_tokens, eval_tokens=args.eval_tokens,
-                            threads=args.threads, verify=not args.no_verify)
+                            threads=args.threads, verify=not args.no_verify,
+                            force=getattr(args, "force", False))
     job = resolve_job(run=args.run, adapter=args.adapter, model=args.model, output=args.output,
                       name=args.name, best=args.best, export_values=cli_values(args, ("export",)),
                       options=options)

@@ -118,8 +118,9 @@ def _step(peft_model: Any, opt: Any, examples: list, rng: Any, batch: int) -> fl
 def write_run_dir(run_dir: Path, base_dir: Path, adapter_dir: Path, data_dir: Path, *,
                   base_quantization: dict | None = None, chat_template: str = "model",
                   fallback_template: str | None = None, end_tokens: list[str] | None = None,
-                  quantize: str = "none") -> Path:
-    """A run directory like ``macft train`` writes (config.yaml, adapter/, metrics.jsonl)."""
+                  quantize: str = "none", fingerprint: bool = False) -> Path:
+    """A run directory like ``macft train`` writes (config.yaml, adapter/, metrics.jsonl);
+    ``fingerprint``: with the base's fingerprint recorded, as ``macft train`` now does."""
     from macft.config import build_config, dump_yaml
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -133,6 +134,10 @@ def write_run_dir(run_dir: Path, base_dir: Path, adapter_dir: Path, data_dir: Pa
         "chat_template": chat_template, "fallback_template": fallback_template,
         "end_tokens": end_tokens or ["<end_of_turn>", "<eos>"], "data_format": "chat",
     }
+    if fingerprint:
+        from macft.fingerprint import base_fingerprint
+
+        resolved["base_fingerprint"] = base_fingerprint(base_dir)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg, resolved), encoding="utf-8")
     shutil.copytree(adapter_dir, run_dir / "adapter", dirs_exist_ok=True)
     (run_dir / "metrics.jsonl").write_text(json.dumps({"type": "eval", "step": 1, "val_loss": 1.0}) + "\n")

@@ -33,6 +33,7 @@ class ExportOptions:
     eval_tokens: int = 4096
     threads: int = 0
     verify: bool = True
+    force: bool = False  # merge into a base whose weights differ from the recorded fingerprint
     # Tests switch this off to show that verification catches the converter's special-token bug.
     restore_special_tokens: bool = True
 
@@ -71,6 +72,17 @@ def check_adapter_dir(path: Path, what: str) -> None:
                          "Pass a directory holding adapter_config.json and adapter_model.safetensors.")
 
 
+def check_output(output: Path) -> None:
+    """The output must be (or become) a directory: not a file, nor below one."""
+    for p in (output, *output.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                what = "--output" if p == output else f"--output {output} lies below"
+                raise MacftError(f"{what} {p} is a file, not a directory.",
+                                 "Pass a directory for --output (a new one is created), or move the file away.")
+            return
+
+
 def resolve_job(*, run: str | None, adapter: str | None, model: str | None, output: str | None,
                 name: str | None, best: bool, export_values: dict[str, Any],
                 options: ExportOptions) -> ExportJob:
@@ -90,15 +102,11 @@ def resolve_job(*, run: str | None, adapter: str | None, model: str | None, outp
             raise MacftError(f"Run directory {run_dir} does not exist.", "Pass the directory `macft train` wrote.")
         cfg, resolved = load_run_config(run_dir)
         adapter_dir = run_dir / ("best_adapter" if best else "adapter")
-        if not (adapter_dir / WEIGHTS_NAME).is_file():
-            others = [d for d in ("adapter", "best_adapter") if (run_dir / d / WEIGHTS_NAME).is_file()]
-            ckpts = sorted((run_dir / "checkpoints").glob("step-*")) if (run_dir / "checkpoints").is_dir() else []
-            hint = (f"Use {'--best' if 'best_adapter' in others else 'the default adapter (drop --best)'}."
-                    if others else
-                    f"Finish the run first: `macft train --resume {run_dir}`." if ckpts else
-                    "The run stopped before writing an adapter; train again.")
-            raise MacftError(f"{run_dir} has no adapter to export: {adapter_dir.name}/{WEIGHTS_NAME} is missing.",
-                             hint)
+        from macft.inference import missing_adapter
+
+        problem = missing_adapter(run_dir, best, resolved.get("model_path") or cfg.model.name)
+        if problem is not None:
+            raise MacftError(f"{run_dir} has no adapter to export. {problem.message}", problem.hint)
         check_adapter_dir(adapter_dir, "Adapter")
         # the path training resolved, unless it is gone (then the name given to training)
         recorded = resolved.get("model_path")
@@ -130,7 +138,9 @@ def resolve_job(*, run: str | None, adapter: str | None, model: str | None, outp
     if options.prompts_file and not Path(options.prompts_file).is_file():
         raise MacftError(f"--prompts {options.prompts_file} does not exist.",
                          'Pass a JSONL file of chat rows ({"messages": [...]}) or prompt/completion rows.')
+    out_path = Path(output) if output else default_out
+    check_output(out_path)
     recorded = read_base_quantization(run_dir)
-    return ExportJob(adapter_dir=adapter_dir, base=str(base), output=Path(output) if output else default_out,
+    return ExportJob(adapter_dir=adapter_dir, base=str(base), output=out_path,
                      name=_slug(name) if name else default_name, options=options, run_dir=run_dir,
                      cfg=cfg, resolved=resolved, recorded_quant=recorded)

@@ -80,6 +80,11 @@ def run_export(job: ExportJob) -> dict[str, Any]:
     # -- 1. up-front checks (nothing written yet) ------------------------------------
     base_dir = resolve_model_path(job.base)
     info = read_model_info(base_dir)
+    if job.run_dir is not None:
+        from macft.fingerprint import check_base
+
+        check_base(job.resolved, job.run_dir, base_dir, force=o.force,
+                   other_base_hint=" with --model BASE")
     plan = plan_merge(base_dir, job.adapter_dir, job.merge_quant)  # checks the base and the adapter
     tools = locate(o.llama_cpp)
     check_converter_deps()
@@ -96,27 +101,107 @@ def run_export(job: ExportJob) -> dict[str, Any]:
             f"(merged model, 16-bit GGUF, {len(o.quants)} quantized file(s)), {human_bytes(free)} is free.",
             "Free some space, pass --output on a disk with more room, or ask for fewer --quant types.")
     created = not job.output.exists()
-    job.output.mkdir(parents=True, exist_ok=True)
-    work = job.output / f".macft-export-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
     try:
+        job.output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from macft.errors import os_error_message
+
+        raise MacftError(*os_error_message(e, f"creating the output directory {job.output}")) from None
+    remove_stale_work_dirs(job.output)
+    work = job.output / f"{WORK_PREFIX}{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        work.mkdir()
         report = _run_steps(job, tools, base_dir, info, arch, plan, work, timings)
         _publish(job, work, report)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(work, ignore_errors=True)
         if created and job.output.exists() and not any(job.output.iterdir()):
             job.output.rmdir()
+        full = _disk_full(e, job.output, need)
+        if full is not None:
+            raise full from None
         raise
     shutil.rmtree(work, ignore_errors=True)
     report["timings"]["total"] = round(time.time() - t_start, 1)
-    tmp = job.output / f".{REPORT}.tmp"
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, job.output / REPORT)
-    from .report import print_summary
+    from .report import collapse_warnings, print_summary
 
+    report["warnings"] = collapse_warnings(report)
+    tmp = job.output / f".{REPORT}.tmp"
+    try:
+        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, job.output / REPORT)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        full = _disk_full(e, job.output, need)
+        if full is None:
+            raise
+        raise full from None
     print_summary(report, job.output)
     return report
+
+
+WORK_PREFIX = ".macft-export-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_work_dirs(output: Path) -> list[Path]:
+    """Work directories that exports killed (SIGKILL, power loss) left behind: those whose
+    process is gone are removed, those of running exports left alone."""
+    removed = []
+    for d in output.glob(f"{WORK_PREFIX}*"):
+        pid = d.name[len(WORK_PREFIX):]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file() and not f.is_symlink())
+        shutil.rmtree(d, ignore_errors=True)
+        if not d.exists():
+            removed.append(d)
+            console.print(f"Removed {d.name}/ ({human_bytes(size)}), left by an export that was killed "
+                          f"(process {pid} is gone).")
+    stale_report = output / f".{REPORT}.tmp"
+    if stale_report.is_file():
+        stale_report.unlink(missing_ok=True)
+    return removed
+
+
+def _disk_full(e: BaseException, output: Path, need: int) -> MacftError | None:
+    """The error for a disk that filled up during the export (ours or a llama.cpp tool's):
+    where, how much the export needs and how much is free now, after the partial files went."""
+    import errno
+
+    from macft.errors import ToolError
+
+    where = None
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        where = e.filename
+    elif isinstance(e, ToolError) and "No space left on device" in e.output_tail:
+        where = next((Path(t).name for t in e.command.split() if "convert" in t or "llama-" in t), None)
+    else:
+        return None
+    probe = output
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = human_bytes(shutil.disk_usage(probe).free)
+    except OSError:
+        free = "an unknown amount"
+    what = f" (writing {where})" if where else ""
+    return MacftError(
+        f"The disk filled up during the export into {output}{what}: the export needs about "
+        f"{human_bytes(need)}, and {free} is free there now that its partial files are removed.",
+        "Free some space, pass --output on a disk with more room, or ask for fewer --quant types.")
 
 
 def _run_steps(job: ExportJob, tools, base_dir: Path, info: ModelInfo, arch: str, plan, work: Path,
@@ -142,6 +227,7 @@ def _run_steps(job: ExportJob, tools, base_dir: Path, info: ModelInfo, arch: str
         "llama_cpp": tools.info(),
         "inputs": {"run": str(job.run_dir) if job.run_dir else None, "adapter": str(job.adapter_dir),
                    "base": job.base, "base_dir": str(base_dir), "architecture": arch,
+                   "n_vocab": info.vocab_size,
                    "quant": o.quants, "outtype": o.outtype, "merge_base": o.merge_base,
                    "base_quantization": job.recorded_quant.describe() if job.recorded_quant else None},
         "timings": timings,

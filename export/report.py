@@ -67,4 +67,47 @@ def print_summary(report: dict[str, Any], output: Path) -> None:
                       f"next-token agreement on {v.get('scored_tokens', 0)} validation tokens.")
     for n in report.get("notes", []):
         console.print(f"[yellow]note:[/] {n}")
+    from macft.ui import warn
+
+    for w in report.get("warnings", []):
+        warn(w)
     console.print(f"Outputs in [bold]{output}[/]: {', '.join(report.get('outputs', []))}, export-report.json")
+
+
+# A GGUF far worse than the Hugging Face model it was made from (perplexity 10x, ln ratio > 2.3):
+# quantization has destroyed it. 16-bit files never get here (beyond TOL_LN_PPL the export fails).
+COLLAPSE_PPL_RATIO = 10.0
+# A GGUF that ends its answers at most half as often as the reference (which ended most of them):
+# users see answers that run on to the token limit.
+STOP_RATE_MIN_REF = 0.5
+STOP_RATE_FRACTION = 0.5
+
+
+def collapse_warnings(report: dict[str, Any]) -> list[str]:
+    """What the verification numbers say is broken, in words.
+
+    Warnings, not errors: by this point every file is written and the 16-bit GGUF verified as a
+    faithful conversion (a wrong conversion already failed the export), so what these catch is
+    quantization damage to a (small) model. Failing would throw away a finished export whose
+    other files are fine; exiting 0 without a word would hide it in a table. So: a warning
+    after the table, also in export-report.json ("warnings").
+
+    The merged model's own perplexity is not judged here: without the base's perplexity on the
+    same text there is no yardstick (the tiny random-init test models are worse than a uniform
+    guess before any adapter). An adapter on the wrong base is caught before the merge, by the
+    fingerprint the run recorded (macft.fingerprint.check_base)."""
+    out = []
+    v = report.get("validation") or {}
+    ref_ppl, ref_stop = v.get("reference_perplexity"), v.get("reference_stop_rate")
+    for f in report.get("files", []):
+        s, r = f.get("stop_rate"), f.get("ref_stop_rate", ref_stop)
+        if r is not None and s is not None and r >= STOP_RATE_MIN_REF and s <= STOP_RATE_FRACTION * r:
+            out.append(f"{f['file']} ends its answers in {_pct(s)} of the prompts, the Hugging Face model in "
+                       f"{_pct(r)}: in use it will often run on to the token limit"
+                       + (" (quantization damage: try a larger type such as q8_0)" if f.get("kind") not in
+                          ("f16", "bf16", "f32", "lora") else ""))
+        p, rp = f.get("perplexity"), f.get("ref_perplexity") or ref_ppl
+        if p is not None and rp and p > COLLAPSE_PPL_RATIO * rp:
+            out.append(f"{f['file']} has a perplexity of {_ppl(p)} on the validation data, the Hugging Face "
+                       f"model {_ppl(rp)}: quantization has broken this file; use a larger type such as q8_0.")
+    return out

@@ -177,16 +177,48 @@ def read_model_info(path: Path) -> ModelInfo:
         raise MacftError("The 'transformers' package is missing.", "pip install 'transformers>=4.51'") from None
     try:
         config = AutoConfig.from_pretrained(str(path))
-    except (ValueError, KeyError, TypeError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - transformers parsing a file we do not control
+        if isinstance(e, OSError) and e.errno is not None:
+            from .errors import os_error_message
+
+            raise MacftError(*os_error_message(e, f"reading {cfg_file}")) from None
         import transformers
 
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise MacftError(
             f"transformers {transformers.__version__} cannot read {cfg_file} "
             f"(model_type '{raw.get('model_type')}', architectures {raw.get('architectures')}): {first}",
-            "pip install -U transformers, or pick a model transformers supports "
-            "(Gemma-3, Llama, Qwen, Mistral, GPT-NeoX, GPT-2, ...).") from None
-    return ModelInfo(path, raw, config)
+            "If config.json was edited or damaged, restore it from the model's repository; for an "
+            "architecture transformers does not know yet: pip install -U transformers, or pick a "
+            "supported model (Gemma-3, Llama, Qwen, Mistral, GPT-NeoX, GPT-2, ...).") from None
+    info = ModelInfo(path, raw, config)
+    _check_dimensions(info, cfg_file)
+    return info
+
+
+def _check_dimensions(info: ModelInfo, cfg_file: Path) -> None:
+    """The dimensions every command reads, as positive integers; else our error naming the file
+    (a hand-edited or damaged config.json: ``"hidden_size": "64"``, ``null``, a list)."""
+    bad = []
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                 "intermediate_size"):
+        try:
+            v = getattr(info, name)
+            ok = v > 0
+        except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError):
+            ok = False
+        if not ok:
+            bad.append(name)
+    if not bad:
+        try:
+            info.tied, info.block_linears, info.quantization  # noqa: B018 - read once to check
+            ok = True
+        except (TypeError, ValueError, AttributeError):
+            bad.append("tie_word_embeddings / quantization")
+    if bad:
+        raise MacftError(f"{cfg_file} does not give valid values for {', '.join(bad)} "
+                         f"(model_type '{info.model_type}'): positive integers are expected.",
+                         "Restore the file from the model's repository.")
 
 
 def model_info_from_dict(raw: dict[str, Any], path: Path | None = None) -> ModelInfo:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -32,9 +33,83 @@ def test_run_without_adapter(run_cli, random_run, tmp_path):
     shutil.copytree(random_run, run)
     shutil.rmtree(run / "adapter")
     rc, _, err = run_cli("export", "--run", run)
-    assert rc == 2 and "has no adapter to export" in err and "adapter_model.safetensors" in err
+    assert rc == 2 and "has no adapter to export" in err
+    assert "before its first checkpoint" in err and "start the training again" in err
     _no_traceback(err)
     assert not (run / "export").exists()
+    # interrupted after a checkpoint: resume it, or use the checkpoint's adapter
+    ckpt = run / "checkpoints" / "step-000050"
+    shutil.copytree(random_run / "adapter", ckpt)
+    (ckpt / "trainer_state.json").write_text("{}")
+    rc, _, err = run_cli("export", "--run", run)
+    assert rc == 2 and "checkpoint at step 50" in err and f"macft train --resume {run}" in err
+    assert f"--adapter {ckpt} --model " in err
+    _no_traceback(err)
+    assert not (run / "export").exists()
+
+
+def test_output_is_a_file(run_cli, random_run, tmp_path):
+    f = tmp_path / "out.gguf"
+    f.write_text("x")
+    for out in (f, f / "sub"):
+        rc, _, err = run_cli("export", "--run", random_run, "--output", out)
+        assert rc == 2 and f"{f} is a file, not a directory" in err, err
+        _no_traceback(err)
+    assert f.read_text() == "x"
+
+
+def test_stale_work_dirs_of_killed_exports_are_removed(run_cli, random_run, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        for pid in (dead.pid, live.pid):
+            (out / f".macft-export-{pid}" / "merged").mkdir(parents=True)
+            (out / f".macft-export-{pid}" / "merged" / "model.safetensors").write_bytes(b"0" * 4096)
+        # an export that fails after creating its own work directory (converter fails)
+        fake = _fake_checkout(tmp_path / "llama.cpp", "import sys\nsys.exit(3)\n")
+        rc, _, err = run_cli("export", "--run", random_run, "--llama-cpp", fake, "--output", out)
+        assert rc == 2 and "This command failed" in err
+        assert f"Removed .macft-export-{dead.pid}/ (4.0 KB), left by an export that was killed" in err
+        assert not (out / f".macft-export-{dead.pid}").exists()
+        assert (out / f".macft-export-{live.pid}" / "merged" / "model.safetensors").is_file()
+        assert sorted(p.name for p in out.iterdir()) == [f".macft-export-{live.pid}"]
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_disk_full_during_export(random_run, llama_tools, tmp_path):
+    """The output on a 6 MB file system: refused up front; and with the up-front estimate
+    bypassed, the disk fills during the merge: the message says where, how much is needed and
+    free, and nothing is left on the disk."""
+    import sys
+
+    import smallfs
+
+    if not smallfs.available():
+        pytest.skip("no unprivileged tmpfs mounts here (user namespaces)")
+    repo = Path(__file__).resolve().parents[1]
+    mnt, snap = tmp_path / "small", tmp_path / "snap"
+    out = mnt / "out"
+    r = smallfs.run([sys.executable, "-m", "macft", "export", "--run", str(random_run), "--output", str(out)],
+                    mnt, "6m", snap, cwd=repo)
+    assert r.returncode == 2 and "Not enough disk space" in r.stderr, r.stderr
+    assert not any(snap.iterdir())
+    code = ("import sys, export.pipeline as p; p._free_bytes = lambda _p: 1 << 40; "
+            "from macft.cli import main; sys.exit(main(sys.argv[1:]))")
+    snap2 = tmp_path / "snap2"
+    r = smallfs.run([sys.executable, "-c", code, "export", "--run", str(random_run), "--output", str(out),
+                     "--quant", "f16", "--no-verify"], mnt, "6m", snap2, cwd=repo)
+    assert r.returncode == 2, r.stderr
+    assert "The disk filled up during the export into" in r.stderr and str(out) in r.stderr
+    assert re.search(r"the export needs about \d+\.\d MB, and [56]\.\d MB is free there now", r.stderr), r.stderr
+    assert "Traceback" not in r.stderr
+    assert not any(snap2.iterdir())  # no partial files, and the output directory it created is gone
 
 
 def test_adapter_for_another_base_lists_every_mismatch(run_cli, tiny_gemma, tmp_path):

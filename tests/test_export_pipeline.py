@@ -199,3 +199,37 @@ def test_mlx_qlora_run_is_merged_into_the_base_training_saw(tiny_gemma, llama_to
     assert report["inputs"]["base_quantization"].startswith("MLX affine")
     f = report["files"][0]
     assert f["tokenization_ok"] and f["kl_divergence"] <= 0.01
+
+
+def _report(ref_ppl: float, ref_stop: float, files: list[dict]) -> dict:
+    return {"inputs": {"n_vocab": 4096, "outtype": "bf16"},
+            "validation": {"reference_perplexity": ref_ppl, "reference_stop_rate": ref_stop, "prompts": 8},
+            "files": [{"size": 1000, "agreement": 1.0, "same_top": 0.99, **f} for f in files],
+            "outputs": [f["file"] for f in files], "notes": []}
+
+
+def test_collapsed_verification_numbers_end_in_a_warning(capsys, tmp_path):
+    """What the table alone would hide: a quantized file that no longer ends its answers, or
+    whose perplexity exploded. Warnings after the table (and in the report), not errors: the
+    other files are fine, the user decides."""
+    from export.report import collapse_warnings, print_summary
+
+    healthy = _report(12.5, 0.875, [{"file": "m-bf16.gguf", "kind": "bf16", "perplexity": 12.6, "stop_rate": 0.875},
+                                    {"file": "m-q4_k_m.gguf", "kind": "q4_k_m", "perplexity": 14.0,
+                                     "stop_rate": 0.625}])
+    assert collapse_warnings(healthy) == []
+    # the tiny random-init fixture: absurd perplexities everywhere, but no worse than its reference
+    tiny = _report(2.18e7, 0.875, [{"file": "m-q4_k_m.gguf", "kind": "q4_k_m", "perplexity": 2.37e7,
+                                    "stop_rate": 0.875}])
+    assert collapse_warnings(tiny) == []
+    broken = _report(12.5, 0.875, [{"file": "m-q4_k_m.gguf", "kind": "q4_k_m", "perplexity": 9000.0,
+                                    "stop_rate": 0.25}])
+    w = collapse_warnings(broken)
+    assert len(w) == 2
+    assert "m-q4_k_m.gguf ends its answers in 25% of the prompts, the Hugging Face model in 88%" in w[0]
+    assert "q8_0" in w[0] and "m-q4_k_m.gguf has a perplexity of 9000" in w[1] and "12.5" in w[1]
+    broken["warnings"] = w
+    capsys.readouterr()
+    print_summary(broken, tmp_path)
+    err = capsys.readouterr().err
+    assert "warning:" in err and "quantization has broken this file" in err

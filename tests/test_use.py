@@ -135,3 +135,41 @@ def test_lwf_and_rehearsal_on_the_torch_backend(general_gemma, run_cli, tmp_path
         assert "20% of every epoch is drawn from them" in err
         kls[lam] = _eval(run_cli, out)["retention"]["kl_to_base"]
     assert kls["0.5"] < 0.7 * kls["0"], kls
+
+
+@pytest.fixture
+def unfinished_run(tiny_gemma, tmp_path) -> Path:
+    """A run killed before its first checkpoint: config.yaml, no adapter/, no checkpoints/."""
+    from export.fixtures import random_adapter, write_run_dir
+
+    adapter = random_adapter(tiny_gemma, tmp_path / "adapter-src", rank=2)
+    run = write_run_dir(tmp_path / "run", tiny_gemma, adapter, NYA)
+    import shutil
+
+    shutil.rmtree(run / "adapter")
+    return run
+
+
+def test_a_run_without_an_adapter_says_what_state_it_is_in(unfinished_run, tiny_gemma, run_cli, tmp_path):
+    import shutil
+
+    run = unfinished_run
+    commands = (["generate", "--run", run, "--prompt", "hi"], ["eval", "--run", run], ["chat", "--run", run])
+    for argv in commands:
+        rc, out, err = run_cli(*argv)
+        assert rc == 2 and "has no adapter/ and no checkpoint" in err and "before its first checkpoint" in err, err
+        assert "Traceback" not in err and out == ""
+    # interrupted after a checkpoint
+    ckpt = run / "checkpoints" / "step-000040"
+    shutil.copytree(tmp_path / "adapter-src", ckpt)
+    for argv in commands:
+        rc, _, err = run_cli(*argv)
+        assert rc == 2 and "checkpoint at step 40" in err and f"macft train --resume {run}" in err, err
+        assert f"--adapter {ckpt} --model {tiny_gemma}" in err
+    # finished, but --best asked for a best adapter it never kept
+    shutil.copytree(tmp_path / "adapter-src", run / "adapter")
+    rc, _, err = run_cli("generate", "--run", run, "--best", "--prompt", "hi")
+    assert rc == 2 and "has no best_adapter/" in err and "drop --best" in err
+    # not a run at all
+    rc, _, err = run_cli("generate", "--run", tmp_path / "nope", "--prompt", "hi")
+    assert rc == 2 and "does not exist" in err

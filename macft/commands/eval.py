@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
         raise MacftError(f"No validation data found for {info.run_dir}: {'; '.join(notes) or 'none'}.",
                          "Check that the run's data paths still exist (config.yaml, data.train / data.valid).")
     with status("Loading the fine-tuned model ..."):
-        model = load_chat_model(run=args.run, best=args.best, backend=args.backend)
+        model = load_chat_model(run=args.run, best=args.best, backend=args.backend,
+                                force=getattr(args, "force", False))
     tok = model.tokenizer
     renderer = renderer_for(tok, cfg.data.loss_on, cfg.data.chat_template)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

@@ -8,7 +8,6 @@ weights are on disk (exact), else from the dimensions.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,16 +65,26 @@ def count_safetensors_params(path: Path, text_only: bool = True) -> int:
     """Parameters in the ``*.safetensors`` files of ``path`` (headers only). With
     ``text_only``, a multimodal checkpoint's vision tower and projector are left out
     (training loads the text model only)."""
+    from ..errors import MacftError
+    from ..models import read_safetensors_header
+
     total = 0
     for f in sorted(Path(path).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
+        try:
+            _, header = read_safetensors_header(f)
+        except Exception as e:  # noqa: BLE001 - models._Broken: a damaged file
+            if isinstance(e, MacftError):
+                raise
+            raise MacftError(f"{f} is damaged: {e}.", "Download or copy the model again.") from None
         for k, v in header.items():
             if k == "__metadata__" or (text_only and ("vision" in k or "multi_modal" in k)):
                 continue
             size = 1
-            for d in v["shape"]:
-                size *= int(d)
+            try:
+                for d in v["shape"]:
+                    size *= int(d)
+            except (KeyError, TypeError, ValueError):
+                raise MacftError(f"{f}: the header entry for {k!r} has no valid shape.",
+                                 "Download or copy the model again.") from None
             total += size
     return total

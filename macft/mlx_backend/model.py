@@ -108,8 +108,8 @@ def _read_weights(path: Path) -> dict[str, mx.array]:
         raise MacftError(
             f"{path} has no model*.safetensors weight files{f' (only {other})' if other else ''}; "
             "MLX reads safetensors only.",
-            "Download the model's safetensors files, or convert them once with transformers: "
-            "AutoModelForCausalLM.from_pretrained(path).save_pretrained(path).")
+            "Pass the model's directory (or hub id) to macft as --model: it converts "
+            "pytorch_model*.bin weights to safetensors once, at start (macft.models.resolve_model_path).")
     weights: dict[str, mx.array] = {}
     for f in files:
         weights.update(mx.load(f))
