@@ -9,9 +9,9 @@ Precision policy (:func:`choose_precision`):
 
 - CUDA GPU with bf16 (Ampere and newer): bf16 autocast over a bf16 (or 4/8-bit)
   base; LoRA weights and optimizer state stay fp32.
-- CUDA GPU without bf16 (T4, V100, ...): fp32. Gemma-3's activations overflow
-  fp16 (values beyond 65504), and fp16 for other models would need loss scaling,
-  which this backend does not do, so fp16 is refused outright.
+- CUDA GPU without bf16 (T4, V100, ...): fp32. Gemma's activations overflow
+  fp16 (:func:`macft.model_info.fp16_problem`), and fp16 for other models would need
+  loss scaling, which this backend does not do, so fp16 is refused outright.
 - CPU: fp32 always; bf16 matmuls run 10-60x slower than fp32 on CPUs without
   AVX512-BF16 (FIELD-NOTES).
 """
@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 import shutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from macft.model_info import fp16_problem, fp16_unsafe_family
 
 if TYPE_CHECKING:
     from macft.model_info import ModelInfo
@@ -121,7 +122,7 @@ def choose_precision(requested: str, facts: HardwareFacts, model_info: ModelInfo
         return Precision("fp32", False)
     if facts.bf16_supported:
         return Precision("bf16", True)
-    unsafe = fp16_unsafe_family(model_info, None)
+    unsafe = fp16_unsafe_family(model_info)
     why = f"{unsafe}'s activations overflow fp16" if unsafe else "fp16 would need loss scaling"
     return Precision("fp32", False,
                      f"{facts.gpu_name} has no bf16 support: computing in fp32 ({why}). "
@@ -142,28 +143,6 @@ def cpu_note(facts: HardwareFacts) -> str | None:
 # --------------------------------------------------------------------------- problems
 
 
-def fp16_unsafe_family(model_info: ModelInfo | None, model_name: str | None) -> str | None:
-    """The family's name (e.g. "Gemma-3") when its activations overflow fp16, else None.
-    Before the config is read (``model_info`` None) the model's name decides."""
-    from macft.model_info import FP16_UNSAFE_PREFIXES
-
-    if model_info is not None:
-        if not model_info.fp16_unsafe:
-            return None
-        family = model_info.text_model_type.lower()
-    else:
-        family = (model_name or "").lower().rsplit("/", 1)[-1]
-        if not any(p in family for p in FP16_UNSAFE_PREFIXES):
-            return None
-    # gemma3_text, gemma-3-1b-it -> Gemma-3; gemma-2b (the first Gemma, 2B) -> Gemma
-    m = re.search(r"gemma-?(\d)(?![\d.]*b)", family)
-    if m:
-        return f"Gemma-{m.group(1)}"
-    if "gemma" in family:
-        return "Gemma"
-    return model_info.describe() if model_info is not None else str(model_name)
-
-
 def problems(quantize: str, precision: str, model_info: ModelInfo | None,
              facts: HardwareFacts, model_name: str | None = None) -> list[str]:
     """Everything that keeps this backend from running here; each line says what was
@@ -182,11 +161,10 @@ def problems(quantize: str, precision: str, model_info: ModelInfo | None,
         out.append(f"--quantize {quantize} needs the bitsandbytes package, which is not installed. "
                    f"Fix: {BNB_FIX} (or train without --quantize)")
     if precision == "fp16":
-        unsafe = fp16_unsafe_family(model_info, model_name)
-        if unsafe:
-            out.append(f"--precision fp16 is refused for {unsafe}: its activations overflow fp16 "
-                       "(values beyond 65504) and the loss turns to NaN. Fix: --precision auto "
-                       "(bf16 where the GPU supports it, else fp32) or --precision fp32")
+        refused = fp16_problem(model_info, model_name)
+        if refused:
+            out.append(f"{refused}. Fix: --precision auto (bf16 where the GPU supports it, else fp32) "
+                       "or --precision fp32")
         else:
             out.append("--precision fp16 is not supported by the cuda backend (it would need "
                        "loss scaling). Fix: --precision auto (bf16 where the GPU supports it, "

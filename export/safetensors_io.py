@@ -1,11 +1,10 @@
 """Read and write safetensors files one tensor (or one block of rows) at a time, with numpy.
 
-The format: an 8-byte little-endian header length, a JSON header mapping each tensor name
-to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the end of
-the header), then the raw little-endian data. Handling it directly (rather than through
+The header is read by :mod:`macft.safetensors_header` (names, dtypes, shapes and where
+each tensor's bytes are). Handling the data directly (rather than through
 ``safetensors.numpy``) lets the merge stream rows without loading a whole file, and read
-bf16 without torch: numpy has no bfloat16, so bf16 is widened to fp32 bit-exactly and
-narrowed back with round-to-nearest-even, as torch does.
+bf16 without torch: numpy has no bfloat16 (nor does ``safe_open(framework="numpy")``), so
+bf16 is widened to fp32 bit-exactly and narrowed back with round-to-nearest-even, as torch does.
 """
 
 from __future__ import annotations
@@ -13,38 +12,18 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
 from macft.errors import MacftError
+from macft.safetensors_header import BrokenFile, TensorInfo, read_header
 
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-            "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+__all__ = ["FLOAT_DTYPES", "SafetensorsFile", "SafetensorsWriter", "TensorInfo", "from_f32", "to_f32"]
+
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 COPY_CHUNK = 16 << 20
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int  # absolute file offset
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
 
 
 class SafetensorsFile:
@@ -53,23 +32,12 @@ class SafetensorsFile:
     def __init__(self, path: Path):
         self.path = Path(path)
         try:
-            with open(self.path, "rb") as f:
-                head = f.read(8)
-                if len(head) != 8:
-                    raise ValueError("file shorter than 8 bytes")
-                (n,) = struct.unpack("<Q", head)
-                if n > 100 << 20:
-                    raise ValueError(f"header length {n} is implausible")
-                header = json.loads(f.read(n))
-        except (OSError, ValueError) as e:
+            header = read_header(self.path)
+        except (OSError, BrokenFile) as e:
             raise MacftError(f"{self.path} is not a readable safetensors file: {e}",
                              "Check that the file is complete (re-download the model if needed).") from None
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        base = 8 + n
-        self.tensors: dict[str, TensorInfo] = {}
-        for name, h in header.items():
-            b, e = h["data_offsets"]
-            self.tensors[name] = TensorInfo(name, h["dtype"], tuple(h["shape"]), base + b, base + e)
+        self.metadata: dict[str, str] = header.metadata
+        self.tensors: dict[str, TensorInfo] = header.tensors
 
     def ordered(self) -> list[TensorInfo]:
         return sorted(self.tensors.values(), key=lambda t: t.begin)

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .safetensors_header import BrokenFile, read_header
 
 SAMPLE_TENSORS = 6
 SAMPLE_ELEMENTS = 4096
@@ -72,23 +73,16 @@ def _config_hash(model_dir: Path) -> str | None:
 
 
 def _headers(model_dir: Path) -> dict[str, tuple[Path, str, list[int], int]]:
-    """tensor name -> (file, dtype, shape, absolute data offset) over every safetensors file."""
+    """tensor name -> (file, dtype, shape, absolute data offset) over every safetensors file
+    (a damaged file is skipped: the loaders report it, not us)."""
     out: dict[str, tuple[Path, str, list[int], int]] = {}
     for f in sorted(model_dir.glob("*.safetensors")):
         try:
-            with open(f, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                if n > 100 << 20:
-                    continue
-                header = json.loads(fh.read(n))
-        except (OSError, ValueError, struct.error):
+            tensors = read_header(f).tensors
+        except (OSError, BrokenFile):
             continue
-        header.pop("__metadata__", None)
-        for name, h in header.items():
-            try:
-                out[name] = (f, h["dtype"], list(h["shape"]), 8 + n + int(h["data_offsets"][0]))
-            except (KeyError, TypeError, ValueError, IndexError):
-                continue
+        for name, t in tensors.items():
+            out[name] = (f, t.dtype, list(t.shape), t.begin)
     return out
 
 

@@ -14,6 +14,7 @@ what is on disk (a pre-quantized checkpoint's ``quantization`` block, the weight
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,8 +22,10 @@ from typing import Any
 
 from .errors import MacftError
 
-# Families whose activations overflow fp16 (the loss turns NaN): one rule for every backend.
+# Families whose activations overflow fp16 (the loss turns NaN): one rule for every backend,
+# applied by fp16_problem.
 FP16_UNSAFE_PREFIXES = ("gemma",)
+FP16_UNSAFE_NAME = "Gemma-3"  # how help texts name them
 
 
 @dataclass(frozen=True)
@@ -77,10 +80,6 @@ class ModelInfo:
     @property
     def family(self) -> str:
         return self.text_model_type
-
-    @property
-    def fp16_unsafe(self) -> bool:
-        return self.family.startswith(FP16_UNSAFE_PREFIXES)
 
     # -- dimensions ----------------------------------------------------------------------
     @property
@@ -150,6 +149,36 @@ class ModelInfo:
 
     def describe(self) -> str:
         return f"{self.architecture or self.model_type} ({self.text_model_type})"
+
+
+def fp16_unsafe_family(model_info: ModelInfo | None, model_name: str | None = None) -> str | None:
+    """The family's name (e.g. "Gemma-3") when its activations overflow fp16, else None.
+    Before the config is read (``model_info`` None) the model's name decides."""
+    if model_info is not None:
+        if not model_info.family.startswith(FP16_UNSAFE_PREFIXES):
+            return None
+        family = model_info.family.lower()
+    else:
+        family = (model_name or "").lower().rsplit("/", 1)[-1]
+        if not any(p in family for p in FP16_UNSAFE_PREFIXES):
+            return None
+    # gemma3_text, gemma-3-1b-it -> Gemma-3; gemma-2b (the first Gemma, 2B) -> Gemma
+    m = re.search(r"gemma-?(\d)(?![\d.]*b)", family)
+    if m:
+        return f"Gemma-{m.group(1)}"
+    if "gemma" in family:
+        return "Gemma"
+    return model_info.describe() if model_info is not None else str(model_name)
+
+
+def fp16_problem(model_info: ModelInfo | None, model_name: str | None = None) -> str | None:
+    """Why ``--precision fp16`` is refused for this model, None when it is not: the one
+    message of every backend (each adds the fix its hardware allows)."""
+    family = fp16_unsafe_family(model_info, model_name)
+    if family is None:
+        return None
+    return (f"--precision fp16 is refused for {family}: its activations overflow fp16 "
+            "(values beyond 65504) and the loss turns to NaN")
 
 
 def read_model_info(path: Path) -> ModelInfo:

@@ -25,10 +25,10 @@ import json
 import os
 import re
 import shutil
-import struct
 from pathlib import Path
 
 from .errors import MacftError, os_error_message
+from .safetensors_header import BrokenFile, read_header
 
 # spiece.model: T5Tokenizer-style SentencePiece (rinna); *.txt: merges.txt of GPT-2 style BPE
 TOKENIZER_PATTERNS = ["*.json", "tokenizer.model", "spiece.model", "*.jinja", "*.txt", "*.tiktoken"]
@@ -38,10 +38,6 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 # files that are weights (never copied beside converted weights)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx")
-MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-            "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-            "F8_E8M0": 1, "F4": 1, "F6_E2M3": 1, "F6_E3M2": 1, "C64": 8}
 ENV_CACHE = "MACFT_CACHE_DIR"
 
 
@@ -176,58 +172,6 @@ def _refetch_hint(model_dir: Path, hub_id: str | None) -> str:
             "the copy on disk is incomplete or damaged.")
 
 
-def read_safetensors_header(f: Path) -> tuple[int, dict]:
-    """(header length, header) of a safetensors file; MacftError naming the file when the
-    header cannot be what the format says."""
-    try:
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise _Broken(f"it holds {size} bytes, not even the 8-byte header length")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise _Broken(f"its header length field says {n} bytes but the file holds {size}")
-            header = json.loads(fh.read(n).decode("utf-8"))
-    except OSError as e:
-        raise MacftError(*os_error_message(e, "reading the model's weights")) from None
-    except (UnicodeDecodeError, ValueError):
-        raise _Broken("its header is not valid JSON") from None
-    if not isinstance(header, dict):
-        raise _Broken("its header is not a JSON object")
-    return n, header
-
-
-class _Broken(Exception):
-    """A safetensors file is not what its header promises (caught and reported with the file)."""
-
-
-def _data_end(header: dict) -> int:
-    """The largest end offset the header gives, with each tensor's byte count checked."""
-    end = 0
-    for name, h in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (b, e) = h["dtype"], h["shape"], h["data_offsets"]
-            if not (isinstance(b, int) and isinstance(e, int) and 0 <= b <= e):
-                raise ValueError
-            numel = 1
-            for d in shape:
-                if not isinstance(d, int) or d < 0:
-                    raise ValueError
-                numel *= d
-        except (KeyError, TypeError, ValueError):
-            raise _Broken(f"its header entry for {name!r} is malformed") from None
-        if dtype not in ITEMSIZE:
-            raise _Broken(f"its header gives {name!r} the unknown dtype {dtype!r}")
-        if dtype not in ("F4", "F6_E2M3", "F6_E3M2") and e - b != numel * ITEMSIZE[dtype]:
-            raise _Broken(f"its header gives {name!r} {e - b} bytes, but {dtype} {list(shape)} needs "
-                          f"{numel * ITEMSIZE[dtype]}")
-        end = max(end, e)
-    return end
-
-
 def check_weights(model_dir: Path, hub_id: str | None = None) -> None:
     """Every ``*.safetensors`` file of ``model_dir`` complete (size = 8 + header + data) and
     every shard its index names present; else a MacftError naming the file and the fix."""
@@ -241,11 +185,13 @@ def check_weights(model_dir: Path, hub_id: str | None = None) -> None:
                              "download or copy).", hint)
     for f in _safetensors_files(model_dir):
         try:
-            n, header = read_safetensors_header(f)
-            expected = 8 + n + _data_end(header)
-        except _Broken as e:
+            header = read_header(f)
+            header.check_byte_counts()
+        except BrokenFile as e:
             raise MacftError(f"{f} is damaged: {e} (an interrupted download or copy?).", hint) from None
-        size = f.stat().st_size
+        except OSError as e:
+            raise MacftError(*os_error_message(e, "reading the model's weights")) from None
+        expected, size = header.file_size, f.stat().st_size
         if size < expected:
             raise MacftError(f"{f} is incomplete: its header describes {expected} bytes, the file holds "
                              f"{size} ({expected - size} missing; an interrupted download or copy).", hint)

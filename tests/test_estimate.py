@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import DATA, NYA
 
-from macft.estimate import Setting, Target, estimate, suggestions
-from macft.estimate import shape_from_config as _shape
 from macft.model_info import model_info_from_dict
+from macft.sizing import Setting, Target, estimate, suggestions
+from macft.sizing import shape_from_config as _shape
 
 GEMMA3_1B = {"model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 1152, "intermediate_size": 6912,
              "num_hidden_layers": 26, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256}

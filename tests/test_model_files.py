@@ -301,7 +301,7 @@ def _mutate_config(text: str, rng: np.random.Generator) -> str:
 def test_fuzz_damaged_model_files_end_in_our_error(tiny_gemma, tmp_path):
     """Hundreds of random truncations and byte changes of the weights and config.json: every one
     is read cleanly or ends in a MacftError, never another exception."""
-    from macft.estimate import shape_from_config
+    from macft.sizing import shape_from_config
 
     config = json.loads((tiny_gemma / "config.json").read_text())
     rng = np.random.default_rng(12)
@@ -348,8 +348,8 @@ def test_training_on_a_pickle_base(backend, bin_gemma, run_cli, tmp_path, cache)
                          "--iters", "2", "--batch-size", "2", "--eval-every", "0", "--save-every", "0")
     assert rc == 0, err
     assert "safetensors" in err and "pytorch_model" not in (out / "adapter" / "adapter_config.json").read_text()
-    from macft.config import load_run_config
+    from macft.run import read_config
 
-    _, resolved = load_run_config(out)
+    _, resolved = read_config(out)
     assert Path(resolved["model_path"]).parent == cache / "converted"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()

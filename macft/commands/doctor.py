@@ -23,7 +23,18 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from ..model_info import FP16_UNSAFE_NAME
 from ..ui import console, human_bytes, out
+
+HELP = ("Check this machine: torch build vs GPU, bitsandbytes, MLX, tokenizer extras, llama.cpp, "
+        "memory, disk; with the fix for each problem.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=["auto", "mlx", "cuda"],
+                   help="Backend whose readiness decides the exit code (default auto).")
+    p.add_argument("--json", action="store_true", help="Print one JSON object (for scripts).")
+
 
 OK, WARN, FAIL, INFO = "ok", "warn", "fail", "info"
 MARK = {OK: "[green]✓[/]", WARN: "[yellow]![/]", FAIL: "[red]✗[/]", INFO: "[dim]·[/]"}
@@ -85,7 +96,7 @@ def check_torch() -> tuple[list[Check], Any]:
         checks.append(Check("torch", OK, f"{facts.torch_version}, {build}"))
     if facts.cuda_available:
         cap = ".".join(map(str, facts.gpu_capability or ()))
-        bf = "bf16 yes" if facts.bf16_supported else "no bf16 (fp32 compute; Gemma-3 never fp16)"
+        bf = "bf16 yes" if facts.bf16_supported else f"no bf16 (fp32 compute; {FP16_UNSAFE_NAME} never fp16)"
         checks.append(Check("gpu", OK if facts.bf16_supported else WARN,
                             f"{describe(facts)}, compute capability {cap}, {bf}"))
     else:
@@ -246,7 +257,7 @@ def gather(backend: str) -> tuple[list[Check], bool]:
 
 
 def _macft_version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return f"{__version__} ({Path(__file__).resolve().parents[2]})"
 

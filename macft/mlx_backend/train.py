@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
 import psutil
 
 from ..errors import MacftError
+from ..run import MLX_ADAPTER, write_quantization
 from ..training.loop import LoopResult
 from ..training.loop import train as run_loop
 from ..ui import console, human_bytes
-from . import on_metal, write_quantization_record
+from .device import on_metal
 from .engine import MLXEngine
 from .model import GROUP_SIZE, adapter_spec, add_lora, load, mx_dtype, quantize
 
@@ -41,14 +41,9 @@ def memory_budget() -> int:
 
 def weights_bytes(model_path: Path, dtype_bytes: int, bits: int | None) -> int:
     """Memory the frozen base will take once loaded (from the safetensors headers)."""
-    total_params = 0
-    for f in model_path.glob("*.safetensors"):
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        for k, v in header.items():
-            if k != "__metadata__":
-                total_params += int(np.prod(v["shape"]))
+    from ..sizing.shapes import count_safetensors_params
+
+    total_params = count_safetensors_params(model_path, text_only=False)
     if bits:
         return int(total_params * (bits / 8 + 2 * dtype_bytes / GROUP_SIZE))
     return total_params * dtype_bytes
@@ -60,6 +55,14 @@ def set_limits(budget: int) -> None:
         # use what is left, as mlx-lm does.
         mx.set_wired_limit(budget)
     mx.set_memory_limit(budget)
+
+
+def write_quantization_record(run_dir: Path, bits: int, group_size: int, quantized: list[str],
+                              unquantized: list[str]) -> None:
+    """How the base was quantized (mlx-lm's affine 4/8-bit), for export to repeat."""
+    write_quantization(run_dir, {
+        "method": "mlx-affine", "bits": bits, "group_size": group_size, "mode": "affine",
+        "quantized": quantized, "unquantized": unquantized})
 
 
 def run_training(backend: Any, job: Any, callback: Any) -> LoopResult:
@@ -114,7 +117,7 @@ def run_training(backend: Any, job: Any, callback: Any) -> LoopResult:
     finally:
         engine.close()
     if not result.interrupted:
-        write_mlx_adapter(job.run_dir / "mlx_adapter", engine, keys, len(layers))
+        write_mlx_adapter(job.run_dir / MLX_ADAPTER, engine, keys, len(layers))
     return result
 
 

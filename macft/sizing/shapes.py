@@ -65,26 +65,17 @@ def count_safetensors_params(path: Path, text_only: bool = True) -> int:
     """Parameters in the ``*.safetensors`` files of ``path`` (headers only). With
     ``text_only``, a multimodal checkpoint's vision tower and projector are left out
     (training loads the text model only)."""
-    from ..errors import MacftError
-    from ..models import read_safetensors_header
+    from ..errors import MacftError, os_error_message
+    from ..safetensors_header import BrokenFile, read_header
 
     total = 0
     for f in sorted(Path(path).glob("*.safetensors")):
         try:
-            _, header = read_safetensors_header(f)
-        except Exception as e:  # noqa: BLE001 - models._Broken: a damaged file
-            if isinstance(e, MacftError):
-                raise
+            tensors = read_header(f).tensors
+        except BrokenFile as e:
             raise MacftError(f"{f} is damaged: {e}.", "Download or copy the model again.") from None
-        for k, v in header.items():
-            if k == "__metadata__" or (text_only and ("vision" in k or "multi_modal" in k)):
-                continue
-            size = 1
-            try:
-                for d in v["shape"]:
-                    size *= int(d)
-            except (KeyError, TypeError, ValueError):
-                raise MacftError(f"{f}: the header entry for {k!r} has no valid shape.",
-                                 "Download or copy the model again.") from None
-            total += size
+        except OSError as e:
+            raise MacftError(*os_error_message(e, "reading the model's weights")) from None
+        total += sum(t.numel for k, t in tensors.items()
+                     if not (text_only and ("vision" in k or "multi_modal" in k)))
     return total
