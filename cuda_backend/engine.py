@@ -39,6 +39,7 @@ import numpy as np
 from macft.adapter import AdapterSpec, read_peft_adapter, write_peft_adapter
 from macft.data.batching import Batch
 from macft.errors import MacftError
+from macft.run import CONFIG
 
 from .distributed import DistContext
 from .hardware import Precision
@@ -341,7 +342,7 @@ def check_checkpoint(path: Path) -> None:
             f"{path} holds its optimizer state as {LEGACY_STATE}, a pickle written by an older macft. "
             "macft does not load pickles: unpickling a file can run any code in it, so a run "
             "directory from someone else could take over this machine.",
-            f"Start the run again with its saved settings: `macft train --config {run / 'config.yaml'} "
+            f"Start the run again with its saved settings: `macft train --config {run / CONFIG} "
             f"--output NEW_DIR` (or, only if you wrote this run yourself, finish it with the macft "
             "version that started it).")
     raise MacftError(f"{path} has no {STATE_JSON}: it was not written by the cuda backend.",

@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +30,10 @@ from macft.adapter import AdapterSpec
 from macft.config import RunConfig
 from macft.errors import MacftError
 from macft.model_info import ModelInfo, read_model_info
+from macft.run import write_quantization
 
 from .hardware import Precision
 
-QUANT_RECORD = "base_quantization.json"
 NF4_BLOCKSIZE = 64  # bitsandbytes' default for 4-bit weights; recorded from the weights
 # Never quantized: not trained, and export keeps them as they were.
 MULTIMODAL_SKIP = ["vision_tower", "multi_modal_projector", "audio_tower", "lm_head"]
@@ -323,6 +322,4 @@ def quant_record(model: Any, quantize: str, precision: Precision) -> dict[str, A
 
 
 def write_quant_record(run_dir: Path, record: dict[str, Any]) -> None:
-    tmp = run_dir / f".{QUANT_RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(run_dir / QUANT_RECORD)
+    write_quantization(run_dir, record)

@@ -32,17 +32,16 @@ bitsandbytes and mlx are imported only here, and only when such a base is merged
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from macft.errors import MacftError
+from macft.run import QUANTIZATION, read_quantization
 
 from .names import canonical
 
-FILE = "base_quantization.json"
 METHODS = ("bnb-nf4", "bnb-int8", "mlx-affine")
 
 
@@ -96,15 +95,11 @@ class BaseQuantization:
 
 
 def read_base_quantization(run_dir: Path | None) -> BaseQuantization | None:
-    if run_dir is None:
+    """The run's record (:func:`macft.run.read_quantization`), checked; None without one."""
+    d = read_quantization(run_dir)
+    if d is None:
         return None
-    p = Path(run_dir) / FILE
-    if not p.is_file():
-        return None
-    try:
-        d = json.loads(p.read_text())
-    except ValueError as e:
-        raise MacftError(f"{p} is not valid JSON: {e}", "Restore the file written by `macft train`.") from None
+    p = Path(run_dir) / QUANTIZATION  # type: ignore[arg-type]
     problems = []
     method = d.get("method")
     if method not in METHODS:

@@ -122,6 +122,7 @@ def write_run_dir(run_dir: Path, base_dir: Path, adapter_dir: Path, data_dir: Pa
     """A run directory like ``macft train`` writes (config.yaml, adapter/, metrics.jsonl);
     ``fingerprint``: with the base's fingerprint recorded, as ``macft train`` now does."""
     from macft.config import build_config, dump_yaml
+    from macft.run import ADAPTER, CONFIG, METRICS, QUANTIZATION
 
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = build_config(base={"model": {"name": str(base_dir), "quantize": quantize},
@@ -138,9 +139,9 @@ def write_run_dir(run_dir: Path, base_dir: Path, adapter_dir: Path, data_dir: Pa
         from macft.fingerprint import base_fingerprint
 
         resolved["base_fingerprint"] = base_fingerprint(base_dir)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg, resolved), encoding="utf-8")
-    shutil.copytree(adapter_dir, run_dir / "adapter", dirs_exist_ok=True)
-    (run_dir / "metrics.jsonl").write_text(json.dumps({"type": "eval", "step": 1, "val_loss": 1.0}) + "\n")
+    (run_dir / CONFIG).write_text(dump_yaml(cfg, resolved), encoding="utf-8")
+    shutil.copytree(adapter_dir, run_dir / ADAPTER, dirs_exist_ok=True)
+    (run_dir / METRICS).write_text(json.dumps({"type": "eval", "step": 1, "val_loss": 1.0}) + "\n")
     if base_quantization is not None:
-        (run_dir / "base_quantization.json").write_text(json.dumps(base_quantization, indent=2))
+        (run_dir / QUANTIZATION).write_text(json.dumps(base_quantization, indent=2))
     return run_dir

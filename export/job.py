@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from macft.adapter import CONFIG_NAME, WEIGHTS_NAME
-from macft.config import RunConfig, build_config, load_run_config
+from macft.config import RunConfig, build_config
 from macft.errors import MacftError
+from macft.run import Resolved, Run, open_run
 
 from .dequant import BaseQuantization, read_base_quantization
 from .quantize import parse_quant_types
@@ -45,10 +46,21 @@ class ExportJob:
     output: Path
     name: str
     options: ExportOptions
-    run_dir: Path | None = None
-    cfg: RunConfig | None = None
-    resolved: dict[str, Any] = field(default_factory=dict)
+    run: Run | None = None  # --run RUN (None: --adapter DIR --model BASE)
     recorded_quant: BaseQuantization | None = None  # how training quantized the base, if it did
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self.run.path if self.run else None
+
+    @property
+    def cfg(self) -> RunConfig | None:
+        return self.run.config if self.run else None
+
+    @property
+    def resolved(self) -> Resolved:
+        """What training resolved (empty for an adapter made elsewhere)."""
+        return self.run.resolved if self.run else Resolved()
 
     @property
     def merge_quant(self) -> BaseQuantization | None:
@@ -94,25 +106,20 @@ def resolve_job(*, run: str | None, adapter: str | None, model: str | None, outp
         raise MacftError("Nothing to export: pass --run RUN (a `macft train` run directory) or "
                          "--adapter DIR --model BASE.")
     cfg: RunConfig | None = None
-    resolved: dict[str, Any] = {}
-    run_dir = None
+    the_run: Run | None = None
     if run:
-        run_dir = Path(run)
-        if not run_dir.is_dir():
-            raise MacftError(f"Run directory {run_dir} does not exist.", "Pass the directory `macft train` wrote.")
-        cfg, resolved = load_run_config(run_dir)
-        adapter_dir = run_dir / ("best_adapter" if best else "adapter")
-        from macft.inference import missing_adapter
-
-        problem = missing_adapter(run_dir, best, resolved.get("model_path") or cfg.model.name)
-        if problem is not None:
-            raise MacftError(f"{run_dir} has no adapter to export. {problem.message}", problem.hint)
+        the_run = open_run(run)
+        cfg = the_run.config
+        try:
+            adapter_dir = the_run.adapter(best)
+        except MacftError as problem:
+            raise MacftError(f"{the_run.path} has no adapter to export. {problem.message}", problem.hint) from None
         check_adapter_dir(adapter_dir, "Adapter")
-        # the path training resolved, unless it is gone (then the name given to training)
-        recorded = resolved.get("model_path")
-        base = model or (recorded if recorded and Path(str(recorded)).exists() else cfg.model.name)
-        default_out = run_dir / "export"
-        default_name = _slug(run_dir.resolve().name)
+        base = model or the_run.base_model
+        if not base:
+            raise MacftError(f"The run in {the_run.path} names no base model.", "Pass --model BASE.")
+        default_out = the_run.export_dir
+        default_name = _slug(the_run.path.resolve().name)
     else:
         adapter_dir = Path(adapter)  # type: ignore[arg-type]
         check_adapter_dir(adapter_dir, "Adapter")
@@ -122,8 +129,6 @@ def resolve_job(*, run: str | None, adapter: str | None, model: str | None, outp
         base = model
         default_out = adapter_dir.parent / f"{_slug(adapter_dir.resolve().name)}-export"
         default_name = _slug(Path(str(model).rstrip("/")).name) + "-lora"
-    if not base:
-        raise MacftError(f"The run in {run_dir} names no base model.", "Pass --model BASE.")
     # export settings: the run's saved export section < command line
     saved = {"export": (cfg.to_dict()["export"] if cfg else {})}
     raw = export_values.get("export.quant")
@@ -140,7 +145,7 @@ def resolve_job(*, run: str | None, adapter: str | None, model: str | None, outp
                          'Pass a JSONL file of chat rows ({"messages": [...]}) or prompt/completion rows.')
     out_path = Path(output) if output else default_out
     check_output(out_path)
-    recorded = read_base_quantization(run_dir)
+    recorded = read_base_quantization(the_run.path if the_run else None)
     return ExportJob(adapter_dir=adapter_dir, base=str(base), output=out_path,
-                     name=_slug(name) if name else default_name, options=options, run_dir=run_dir,
-                     cfg=cfg, resolved=resolved, recorded_quant=recorded)
+                     name=_slug(name) if name else default_name, options=options, run=the_run,
+                     recorded_quant=recorded)

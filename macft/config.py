@@ -483,18 +483,6 @@ def dump_yaml(cfg: RunConfig, resolved: dict[str, Any] | None = None) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
-def load_run_config(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any]]:
-    """Read a run directory's ``config.yaml``: the config and its ``resolved`` facts."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise MacftError(
-            f"{run_dir} is not a macft run directory: {path.name} is missing.",
-            "Pass the directory that `macft train` wrote (it holds config.yaml, adapter/, metrics.jsonl).")
-    data = read_yaml(path)
-    cfg = build_config(base=data)
-    return cfg, dict(data.get("resolved") or {})
-
-
 def reference_markdown() -> str:
     """The README's config reference table, generated from the dataclasses (a test keeps it in sync)."""
     lines = ["| key | flag | default | meaning |", "| --- | --- | --- | --- |"]

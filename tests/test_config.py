@@ -7,10 +7,10 @@ from macft.config import (
     build_config,
     dump_yaml,
     field_specs,
-    load_run_config,
     validate,
 )
 from macft.errors import ConfigError
+from macft.run import read_config
 
 
 def test_every_field_has_help_and_a_flag():
@@ -88,7 +88,7 @@ def test_resolved_config_round_trip(tmp_path):
     cfg = build_config(None, {"model.name": "google/gemma-3-1b-it", "lora.targets": "q_proj,v_proj",
                               "train.epochs": "2"})
     (tmp_path / "config.yaml").write_text(dump_yaml(cfg, {"backend": "mlx", "end_tokens": ["<end_of_turn>"]}))
-    back, resolved = load_run_config(tmp_path)
+    back, resolved = read_config(tmp_path)
     assert back == cfg
     assert resolved["backend"] == "mlx"
     assert back.lora.targets == ["q_proj", "v_proj"]

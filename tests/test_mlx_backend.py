@@ -60,14 +60,14 @@ def test_learns_nya_and_stops(mlx_run, tiny_gemma, nya_dir):
 
 @pytest.mark.slow
 def test_run_directory_contents(mlx_run):
-    from macft.config import load_run_config
+    from macft.run import read_config
 
     for p in ("config.yaml", "metrics.jsonl", "loss.png", "summary.json", "adapter/adapter_config.json",
               "adapter/adapter_model.safetensors", "best_adapter/adapter_model.safetensors",
               "mlx_adapter/adapters.safetensors", "mlx_adapter/adapter_config.json"):
         assert (mlx_run / p).is_file(), p
     assert (mlx_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    cfg, resolved = load_run_config(mlx_run)
+    cfg, resolved = read_config(mlx_run)
     assert resolved["backend"] == "mlx" and resolved["end_tokens"][0] == "<end_of_turn>"
     assert cfg.train.iters == 150
     rows = [json.loads(x) for x in (mlx_run / "metrics.jsonl").read_text().splitlines()]

@@ -135,10 +135,10 @@ def _copy(run: Path, dest: Path, keep_step: int | None) -> Path:
 
 @pytest.mark.slow
 def test_base_fingerprint_is_recorded(torch_run, tiny_gemma):
-    from macft.config import load_run_config
     from macft.fingerprint import base_fingerprint
+    from macft.run import read_config
 
-    _, resolved = load_run_config(torch_run)
+    _, resolved = read_config(torch_run)
     assert resolved["base_fingerprint"] == base_fingerprint(tiny_gemma)
     assert len(resolved["base_fingerprint"]["tensors"]) >= 3
 

@@ -13,6 +13,12 @@ from ..presets import PRESETS
 from ..support import CHECKPOINTS, YES
 from ..ui import console, out
 
+HELP = "List the presets and the model architectures each backend supports."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="Print one JSON object instead of tables.")
+
 
 def mlx_architectures() -> list[str]:
     """model_types the MLX backend trains (explicit config mapping for each)."""

@@ -1,22 +1,6 @@
-"""The run directory and the callbacks that write into it.
-
-::
-
-    runs/<name>/
-      config.yaml          resolved configuration (+ 'resolved:' facts: backend, model path,
-                           chat template, end tokens, data statistics)
-      metrics.jsonl        one JSON object per report: {"type": "train"|"eval", "step": ...}
-      loss.png             train and validation loss curves
-      adapter/             PEFT adapter of the last step (adapter_config.json,
-                           adapter_model.safetensors)
-      best_adapter/        PEFT adapter with the lowest validation loss
-      mlx_adapter/         mlx-lm native adapter (MLX backend; `mlx_lm.generate --adapter-path`)
-      checkpoints/step-N/  resumable state (adapter, optimizer, RNG, data position)
-      summary.json         final numbers
-      .macft.lock          held (flock) by the process training this run
-
-Every file is written to a temporary name and renamed; a process killed mid-write leaves
-only temporaries, which the next ``macft train`` on the run removes.
+"""Training's side of the run directory (:mod:`macft.run` owns its layout and names): the
+directory made or refused, the lock against a second trainer, the leftovers of a killed
+process removed, and the callbacks that write metrics.jsonl and loss.png.
 """
 
 from __future__ import annotations
@@ -31,13 +15,28 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MacftError, os_error_message
+from ..run import (
+    CHECKPOINT_GLOB,
+    CHECKPOINTS,
+    CONFIG,
+    LOCK_FILE,
+    LOCK_PID,
+    LOSS_PLOT,
+    LOSS_PLOT_TMP,
+    METRICS,
+    MOVED_ASIDE,
+    TEMPORARIES,
+    latest_checkpoint,
+    read_metrics,
+    replace_dir,
+    write_text_atomic,
+)
 from .events import EvalReport, StepReport, TrainEnd, TrainingCallback
 
-METRICS = "metrics.jsonl"
-LOCK_FILE = ".macft.lock"
-# what a killed process leaves behind: directories being written, the previous version of a
-# directory being replaced, files being written (write_text_atomic, plot_losses)
-TEMPORARIES = ("checkpoints/.step-*.tmp", "adapter.tmp", "best_adapter.tmp", ".*.tmp", ".loss.tmp.png")
+__all__ = ["LOCK_FILE", "METRICS", "TEMPORARIES", "LossPlot", "MetricsWriter", "RunLock",
+           "default_run_name", "make_run_dir", "plot_losses", "prepare_run_dir", "read_metrics",
+           "remove_failed_run", "remove_temporaries", "replace_dir", "truncate_metrics",
+           "write_text_atomic"]
 
 
 def default_run_name(model: str) -> str:
@@ -51,10 +50,8 @@ def prepare_run_dir(output: str | None, model: str) -> Path:
     if path.exists() and not path.is_dir():
         raise MacftError(f"--output {path} is an existing file, not a directory.",
                          "Choose a new (or empty) directory for --output.")
-    if path.exists() and any(p.name != LOCK_FILE for p in path.iterdir()):
-        if (path / "config.yaml").exists():
-            from .loop import latest_checkpoint
-
+    if path.exists() and any(p.name not in (LOCK_FILE, LOCK_PID) for p in path.iterdir()):
+        if (path / CONFIG).exists():
             if latest_checkpoint(path) is None:
                 raise MacftError(
                     f"{path} already holds a run, which stopped before its first checkpoint.",
@@ -75,40 +72,48 @@ def make_run_dir(path: Path) -> None:
         raise MacftError(msg, hint) from None
 
 
+# Held locks, referenced until released: filelock releases a lock whose object is garbage
+# collected, and a RunLock holds until release() or the end of the process.
+_HELD: set[RunLock] = set()
+
+
 class RunLock:
-    """An exclusive lock on a run directory (``flock`` on :data:`LOCK_FILE`), so two
-    processes never train the same run. The kernel releases it when the process dies, even
-    by SIGKILL: a stale lock file locks nothing."""
+    """An exclusive lock on a run directory (:data:`LOCK_FILE`, through ``filelock``: ``flock``
+    on Unix, so the kernel releases it when the process dies, even by SIGKILL; a stale lock
+    file locks nothing), so two processes never train the same run. The holder writes its
+    PID beside it (:data:`LOCK_PID`) for the message refusing the second one."""
 
     def __init__(self, run_dir: Path):
+        from filelock import FileLock
+
         self.path = run_dir / LOCK_FILE
-        self._fd: int | None = None
+        self.pid_path = run_dir / LOCK_PID
+        self._lock = FileLock(str(self.path))
 
     def acquire(self) -> RunLock:
+        from filelock import Timeout
+
         try:
-            import fcntl
-        except ImportError:  # (Windows: no flock; macft does not train there)
-            return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            pid = _read_pid(self.path)
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            pid = _read_pid(self.pid_path)
             who = f"process {pid}" if pid else "another process"
             raise MacftError(
                 f"{self.path.parent} is being trained by {who} (macft train) right now.",
                 f"Wait for it to finish, or stop it (Ctrl-C in its terminal{f', or kill {pid}' if pid else ''}); "
                 "then run this command again.") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
+        _HELD.add(self)
+        try:
+            write_text_atomic(self.pid_path, f"{os.getpid()}\n")
+        except OSError:
+            pass  # only the message to a second process loses the PID
         return self
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = None
+        if self._lock.is_locked:
+            self.pid_path.unlink(missing_ok=True)
+            self._lock.release()
+        _HELD.discard(self)
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -124,24 +129,11 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
-def replace_dir(tmp: Path, dest: Path) -> None:
-    """Put the complete directory ``tmp`` in place of ``dest``. The old ``dest`` is moved
-    aside, not deleted, until the new one is in place; :func:`remove_temporaries` puts it
-    back if the process dies in between."""
-    old = dest.with_name(f".{dest.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def remove_temporaries(run_dir: Path) -> list[Path]:
     """Remove what an interrupted or killed process left half-written in ``run_dir`` (call it
     while holding the :class:`RunLock`). Returns the paths removed."""
     removed = []
-    for old in [*run_dir.glob(".*.old"), *run_dir.glob("checkpoints/.step-*.old")]:
+    for old in [p for pattern in MOVED_ASIDE for p in run_dir.glob(pattern)]:
         dest = old.with_name(old.name[1:-len(".old")])
         if not dest.exists():
             old.rename(dest)  # died between moving the old version aside and the new one in
@@ -158,12 +150,6 @@ def remove_temporaries(run_dir: Path) -> list[Path]:
     return removed
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """On resume: drop rows written after the checkpoint so the curve continues."""
     p = run_dir / METRICS
@@ -171,13 +157,6 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
         return
     keep = [ln for ln in p.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
     write_text_atomic(p, "".join(ln + "\n" for ln in keep))
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    p = run_dir / METRICS
-    if not p.exists():
-        return []
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
 
 
 class MetricsWriter(TrainingCallback):
@@ -227,8 +206,8 @@ def plot_losses(run_dir: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = run_dir / "loss.png"
-    tmp = run_dir / ".loss.tmp.png"
+    out = run_dir / LOSS_PLOT
+    tmp = run_dir / LOSS_PLOT_TMP
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, out)
@@ -237,5 +216,5 @@ def plot_losses(run_dir: Path) -> Path | None:
 
 def remove_failed_run(path: Path) -> None:
     """A run that failed before its first checkpoint leaves nothing behind."""
-    if path.exists() and not any((path / "checkpoints").glob("step-*")):
+    if path.exists() and not any((path / CHECKPOINTS).glob(CHECKPOINT_GLOB)):
         shutil.rmtree(path, ignore_errors=True)
