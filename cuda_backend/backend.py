@@ -38,7 +38,7 @@ class TorchBackend:
                                  model_name=cfg.model.name)
 
     def memory_target(self, cfg: RunConfig, model_info: ModelInfo) -> Any:
-        from macft.estimate.memory import Target
+        from macft.sizing.memory import Target
 
         facts = self.facts
         precision = hardware.choose_precision(cfg.train.precision, facts, model_info)
@@ -115,3 +115,8 @@ class TorchBackend:
                           callback, job.resume_from)
         ctx.close()  # (after an exception the launcher tears the group down)
         return result
+
+    def load_chat_model(self, model_path: Path, adapter_dir: Path | None, end_tokens: list[str]) -> Any:
+        from .infer import TorchChatModel
+
+        return TorchChatModel(model_path, adapter_dir, end_tokens)

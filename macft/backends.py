@@ -1,7 +1,8 @@
 """Backends: a small protocol, a registry with lazy imports, and ``auto``.
 
 A backend does the math of training on one kind of hardware; everything else
-(config, data, batches, schedule, loop, checkpoints, run directory) is shared.
+(config, data, batches, schedule, loop, checkpoints, run directory) is shared. It also
+loads a fine-tune to talk to (:meth:`Backend.load_chat_model`, for chat, generate and eval).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from .config import RunConfig
 from .data.batching import Batch, BatchPlan
 from .data.dataset import TokenizedData
 from .errors import BackendUnavailable, MacftError
+from .inference import ChatModel
 from .model_info import ModelInfo
 from .training.events import TrainingCallback
 from .training.loop import LoopResult, LoopSettings
@@ -55,7 +57,11 @@ class Backend(Protocol):
         """Load the model, add LoRA, run the shared loop, write the adapters."""
 
     def memory_target(self, cfg: RunConfig, model_info: ModelInfo) -> Any:
-        """A :class:`macft.estimate.memory.Target`: device, compute dtype and memory budget."""
+        """A :class:`macft.sizing.memory.Target`: device, compute dtype and memory budget."""
+
+    def load_chat_model(self, model_path: Path, adapter_dir: Path | None, end_tokens: list[str]) -> ChatModel:
+        """The base model (with the adapter, when given) to talk to and score with
+        (:mod:`macft.chat_session`); the implementation is imported only here."""
 
     # Optional: ``check_checkpoint(path) -> None`` raises a MacftError for a checkpoint this
     # backend cannot (or must not) load; `macft train --resume` calls it before any weight

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,9 +33,8 @@ def _run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def _commands() -> list[list[str]]:
-    from macft.cli import COMMANDS, DATA_COMMANDS, _load_extra_commands
+    from macft.cli import COMMANDS, DATA_COMMANDS
 
-    _load_extra_commands()
     return [[c] for c in COMMANDS] + [["data", c] for c in DATA_COMMANDS]
 
 
@@ -50,6 +50,36 @@ def test_every_command_help_works_without_heavy_packages(tmp_path, cmd):
     r = _run(tmp_path, *cmd, "--help")
     assert r.returncode == 0, r.stderr
     assert "usage: macft" in r.stdout
+
+
+def test_each_command_module_owns_its_help_arguments_and_run():
+    import importlib
+
+    from macft.cli import COMMANDS, DATA_COMMANDS
+
+    for help_text, module in [*COMMANDS.values(), *DATA_COMMANDS.values()]:
+        mod = importlib.import_module(module)
+        assert mod.HELP == help_text, module  # the line `macft --help` lists without importing it
+        assert callable(mod.add_arguments) and callable(mod.run), module
+
+
+def test_help_imports_no_command_module():
+    code = textwrap.dedent("""
+        import json, sys
+        from macft.cli import build_parser
+        def commands():
+            return sorted(m for m in sys.modules if m.startswith(("macft.commands.", "export.")))
+        build_parser(["--help"])
+        before = commands()
+        build_parser(["--debug", "chat", "--help"])
+        print(json.dumps([before, commands()]))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.returncode == 0, r.stderr
+    before, after = json.loads(r.stdout)
+    assert before == []
+    assert "macft.commands.chat" in after and "macft.commands.train" not in after
 
 
 def test_blocker_really_blocks(tmp_path):
@@ -112,10 +142,10 @@ def _command_raising(monkeypatch, tmp_path: Path, body: str) -> None:
 
     name = "macft_test_boom_" + hashlib.sha1(body.encode()).hexdigest()[:10]  # a fresh module each
     (tmp_path / f"{name}.py").write_text(
-        "import errno\n\ndef run(args):\n" + textwrap.indent(body, "    ") + "\n")
+        "import errno\n\nHELP = 'raise'\n\ndef add_arguments(p):\n    pass\n\n"
+        "def run(args):\n" + textwrap.indent(body, "    ") + "\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    cli._load_extra_commands()
-    monkeypatch.setitem(cli.COMMANDS, "boom", ("raise", lambda p: None, f"{name}:run"))
+    monkeypatch.setitem(cli.COMMANDS, "boom", ("raise", name))
 
 
 def test_an_unexpected_error_is_one_paragraph_and_a_log_file(monkeypatch, tmp_path, capsys):

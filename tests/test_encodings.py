@@ -178,7 +178,7 @@ def test_generate_has_encoding_flag():
 
 
 def test_read_prompts_encodings(tmp_path, capsys):
-    from macft.commands.chat import read_prompts
+    from macft.commands.generate import read_prompts
 
     text = '"空は何色？"\n{"prompt": "雪は①"}\n{"messages": [{"role": "user", "content": "猫"}]}\n'
     want = [[{"role": "user", "content": "空は何色？"}], [{"role": "user", "content": "雪は①"}],

@@ -240,7 +240,7 @@ def renderer(tiny_gemma):
 
 
 def test_malformed_inputs_never_crash(renderer, tmp_path):
-    from macft.commands.chat import read_prompts
+    from macft.commands.generate import read_prompts
 
     rng = random.Random(SEED)
     cases = special_cases(tmp_path) + generated_cases(tmp_path, rng)

@@ -96,7 +96,7 @@ def test_choice_resolution_and_suggestions(plain_tok, tmp_path):
 
 
 def test_a_run_records_its_template_and_chat_uses_it(plain_tok):
-    from macft.inference import run_chat_template
+    from macft.chat_session import run_chat_template
 
     assert run_chat_template({"chat_template": "rinna", "chat_template_text": template_text("rinna")}) \
         == template_text("rinna")

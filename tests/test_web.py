@@ -303,7 +303,8 @@ def test_a_gguf_through_llama_cpp_in_the_browser(run_gguf, browser, tmp_path):
 def test_long_history_is_trimmed_and_stop_frees_the_model(mlx_run):
     """In-process, without the page: the oldest turns go (and the note says so); a reader that
     stops early (the stop button) leaves the model free for the next answer."""
-    from macft.inference import Sampling, load_chat_model
+    from macft.chat_session import load_chat_model
+    from macft.inference import Sampling
     from macft.web.conversation import answer, notes, why_no_base
     from macft.web.worker import ModelWorker
 

@@ -10,7 +10,6 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from ..cli import cli_values
 from ..config import build_config, validate
 from ..data.dataset import build_data
 from ..data.render import Renderer
@@ -18,6 +17,18 @@ from ..data.templates import renderer_for, suggest
 from ..data.tokenizer import load_tokenizer
 from ..errors import MacftError
 from ..ui import console, out
+from ._args import add_config_flags, cli_values
+
+HELP = "Show the detected format, token counts, masks and truncation of a data set."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", metavar="DATA", help="A data file, a directory with train/valid files, or a HF dataset id.")
+    p.add_argument("--model", required=False, help="Model whose tokenizer and chat template render the data.")
+    p.add_argument("--config", metavar="FILE.yaml", help="Take model and data settings from a YAML config.")
+    p.add_argument("--json", action="store_true", help="Print one JSON object (for scripts) instead of tables.")
+    p.add_argument("--examples", type=int, default=2, metavar="N", help="Rendered examples to show (default 2).")
+    add_config_flags(p, ("data",), skip=("data.train",))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-from ..config import load_run_config
+from ..chat_session import load_chat_model, read_run
 from ..data.batching import eval_batches
 from ..data.dataset import tokenize_samples
 from ..data.templates import renderer_for
@@ -23,18 +22,36 @@ from ..evaluate import (
     prompt_cases,
     score_generations,
 )
-from ..inference import Sampling, load_chat_model, read_run
+from ..inference import Sampling
+from ..run import write_text_atomic
 from ..ui import console, status, task_progress
+
+HELP = "Judge a run: loss, perplexity, base vs fine-tuned answers, stop rate, retention, GGUF."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", metavar="RUN", required=True, help="The run directory to judge.")
+    p.add_argument("--best", action="store_true", help="Judge best_adapter/ instead of adapter/.")
+    p.add_argument("--gguf", metavar="FILE", help="Also run the same prompts through this GGUF (llama.cpp).")
+    p.add_argument("--general", metavar="DATA", help="General held-out data (any supported format) for the "
+                   "retention numbers: KL to the base and perplexity before vs after.")
+    p.add_argument("--prompts", type=int, default=16, metavar="N", help="Held-out prompts to generate from (default 16).")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="Longest answer (default 64).")
+    p.add_argument("--backend", choices=["auto", "mlx", "cuda"], help="Override the run's backend.")
+    p.add_argument("--llama-cpp", metavar="DIR", help="Your own llama.cpp checkout for --gguf.")
+    p.add_argument("--output", metavar="DIR", help="Where eval-report.json / .md go (default: the run).")
+    p.add_argument("--force", action="store_true", help="Judge the adapter even when the base model's "
+                   "weights differ from those it was trained on.")
 
 
 def run(args: argparse.Namespace) -> int:
-    info = read_run(args.run, args.best)
-    cfg, resolved = load_run_config(info.run_dir)
+    trained = read_run(args.run, args.best)
+    cfg = trained.config
     from export.prompts import run_samples
 
-    samples, source, notes = run_samples(cfg, resolved)
+    samples, source, notes = run_samples(cfg, trained.resolved.to_dict())
     if not samples:
-        raise MacftError(f"No validation data found for {info.run_dir}: {'; '.join(notes) or 'none'}.",
+        raise MacftError(f"No validation data found for {trained.path}: {'; '.join(notes) or 'none'}.",
                          "Check that the run's data paths still exist (config.yaml, data.train / data.valid).")
     with status("Loading the fine-tuned model ..."):
         model = load_chat_model(run=args.run, best=args.best, backend=args.backend,
@@ -46,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
     batches = eval_batches(examples, cfg.train.batch_size, pad)
     cases = prompt_cases(samples, args.prompts)
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=0.0)
-    report: dict[str, Any] = {"run": str(info.run_dir), "adapter": str(info.adapter_dir), "validation": source,
-                              "prompts": len(cases), "max_new_tokens": args.max_new_tokens}
+    report: dict[str, Any] = {"run": str(trained.path), "adapter": str(trained.adapter(args.best)),
+                              "validation": source, "prompts": len(cases), "max_new_tokens": args.max_new_tokens}
     n_steps = 2 * len(cases) + (len(cases) if args.gguf else 0)
     with task_progress() as prog:
         t = prog.add_task("evaluating", total=n_steps)
@@ -72,19 +89,13 @@ def run(args: argparse.Namespace) -> int:
         {"prompt": c.messages[-1]["content"], "reference": c.reference, "fine_tuned": tuned.answers[i],
          "base": base.answers[i], **({"gguf": gg.answers[i]} if gg else {})}
         for i, c in enumerate(cases)]
-    out_dir = Path(args.output) if args.output else info.run_dir
+    out_dir = Path(args.output) if args.output else trained.path
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write(out_dir / "eval-report.json", json.dumps(report, indent=2, ensure_ascii=False))
-    _write(out_dir / "eval-report.md", markdown(report))
+    write_text_atomic(out_dir / "eval-report.json", json.dumps(report, indent=2, ensure_ascii=False))
+    write_text_atomic(out_dir / "eval-report.md", markdown(report))
     show(report)
     console.print(f"Report: [bold]{out_dir / 'eval-report.json'}[/] and {out_dir / 'eval-report.md'}")
     return 0
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _fmt(v: Any, pct: bool = False) -> str:

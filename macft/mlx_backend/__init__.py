@@ -7,44 +7,24 @@ imports mlx lazily so that a missing install gives one clear message.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import MacftError
-from ..model_info import ModelInfo
+from ..model_info import ModelInfo, fp16_problem
 from .blas import preload_fast_blas
+from .device import INSTALL_HINT, import_mlx, on_metal
 
 # Must happen before anything imports mlx.core (see blas.py).
 preload_fast_blas()
-
-_INSTALL = ("pip install 'macft[mlx]'  (macOS: mlx with Metal; Linux: mlx[cpu])")
-
-
-def _import_mlx() -> Any:
-    try:
-        import mlx.core as mx
-        import mlx_lm  # noqa: F401
-    except ImportError as e:
-        raise MacftError(f"The MLX backend needs mlx and mlx-lm: {e}", _INSTALL) from None
-    return mx
-
-
-def on_metal() -> bool:
-    mx = _import_mlx()
-    try:
-        return bool(mx.metal.is_available())
-    except AttributeError:
-        return False
-
 
 class MLXBackend:
     name = "mlx"
 
     def device(self) -> str:
-        mx = _import_mlx()
+        mx = import_mlx()
         if on_metal():
             info = mx.device_info()
             mem = info.get("memory_size", 0) / 2**30
@@ -55,13 +35,12 @@ class MLXBackend:
         p = cfg.train.precision
         if p == "auto":
             return "bf16" if on_metal() else "fp32"
-        if p == "fp16" and model_info.fp16_unsafe:
-            raise MacftError(f"{model_info.describe()}: Gemma activations overflow in fp16 (the loss turns NaN).",
-                             "Use --precision bf16 (Apple silicon) or fp32.")
+        if p == "fp16" and (refused := fp16_problem(model_info)):
+            raise MacftError(f"{model_info.describe()}: {refused}.", "Use --precision bf16 (Apple silicon) or fp32.")
         return p
 
     def memory_target(self, cfg: Any, model_info: ModelInfo) -> Any:
-        from ..estimate.memory import Target
+        from ..sizing.memory import Target
         from .train import memory_budget
 
         metal = on_metal()
@@ -74,9 +53,9 @@ class MLXBackend:
     def check(self, cfg: Any, model_info: ModelInfo | None = None) -> list[str]:
         problems: list[str] = []
         try:
-            _import_mlx()
+            import_mlx()
         except MacftError as e:
-            return [f"{e.message} ({_INSTALL})"]
+            return [f"{e.message} ({INSTALL_HINT})"]
         from .model import architecture_problem, quantization_problem
 
         if model_info is not None:
@@ -84,8 +63,8 @@ class MLXBackend:
                 problems.append(p)
             if (p := quantization_problem(model_info, cfg.model.quantize)):
                 problems.append(p)
-            if cfg.train.precision == "fp16" and model_info.fp16_unsafe:
-                problems.append("Gemma models overflow in fp16: use --precision bf16 or fp32")
+            if cfg.train.precision == "fp16" and (refused := fp16_problem(model_info)):
+                problems.append(f"{refused}: use --precision bf16 or fp32")
         if sys.platform != "darwin" and not on_metal() and cfg.train.precision == "bf16":
             problems.append("bf16 on this CPU is 10-60x slower than fp32 and not supported for training "
                             "here: use --precision fp32 (or auto)")
@@ -96,9 +75,9 @@ class MLXBackend:
 
         return run_training(self, job, callback)
 
+    def load_chat_model(self, model_path: Path, adapter_dir: Path | None, end_tokens: list[str]) -> Any:
+        import_mlx()  # a missing mlx says how to install it
+        from .infer import MLXChatModel
 
-def write_quantization_record(run_dir: Path, bits: int, group_size: int, quantized: list[str],
-                              unquantized: list[str]) -> None:
-    (run_dir / "base_quantization.json").write_text(json.dumps({
-        "method": "mlx-affine", "bits": bits, "group_size": group_size, "mode": "affine",
-        "quantized": quantized, "unquantized": unquantized}, indent=1))
+        return MLXChatModel(model_path, adapter_dir, end_tokens)
+

@@ -14,7 +14,7 @@ import mlx.nn as nn
 from ..adapter import read_peft_adapter
 from ..errors import MacftError
 from ..inference import Generation, IncrementalText, Sampling, stop_ids
-from . import on_metal
+from .device import on_metal
 from .engine import _ce, kl_to_base
 from .model import LoadedModel, load, mx_dtype
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..commands.chat import load, sampling
+from ..chat_session import load_from_args, sampling_from_args
 from ..errors import MacftError
 from ..ui import console
 from .conversation import why_no_base
@@ -33,12 +33,12 @@ def run_web(args: argparse.Namespace) -> int:
     host = args.host or DEFAULT_HOST
     port = DEFAULT_PORT if args.port is None else args.port
     check_address(host, port)  # before the model loads: a busy port fails in a second
-    model = load(args)
+    model = load_from_args(args)
     worker = ModelWorker(model)
     try:
         why = why_no_base(model)
         label = "Fine-tuned" if why is None or model.kind == "gguf" else "Base model"
-        demo = build_page(worker, PageSettings(model.description, label, why, args.system, sampling(args)))
+        demo = build_page(worker, PageSettings(model.description, label, why, args.system, sampling_from_args(args)))
         console.print(f"Serving [bold]{model.description}[/].")
         serve(demo, host, port, worker.run_pending, **launch_options())
     finally:

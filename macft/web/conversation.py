@@ -8,7 +8,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
-from ..commands.chat import MAX_PROMPT_TOKENS, conversation
+from ..chat_session import MAX_PROMPT_TOKENS, conversation
 from ..inference import Sampling, fit_history
 from .worker import ModelWorker
 

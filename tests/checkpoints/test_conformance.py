@@ -176,8 +176,9 @@ def test_export_and_llama_cpp_answers(layout, runs, capsys):
 
 def _check_export(c, run: Path, capsys) -> None:
     from export.llama_cpp import ensure_built
+    from macft.chat_session import load_chat_model
     from macft.cli import main
-    from macft.inference import Sampling, generate, load_chat_model
+    from macft.inference import Sampling, generate
 
     ensure_built()
     capsys.readouterr()
