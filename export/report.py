@@ -50,7 +50,7 @@ def print_summary(report: dict[str, Any], output: Path) -> None:
     else:  # logs and pipes: do not squeeze the table into 80 columns
         from rich.console import Console
 
-        Console(stderr=True, width=max(console.width, 132), highlight=False).print(t)
+        Console(stderr=True, width=max(console.width, 132), highlight=False, quiet=console.quiet).print(t)
     if any(f["file"] not in report.get("outputs", []) for f in report.get("files", [])):
         console.print("* intermediate file, removed at the end (keep it with --keep-intermediate)")
     for r in remarks:

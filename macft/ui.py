@@ -23,8 +23,31 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 
+_silenced = 0  # depth of nested silenced() blocks
+
+
 def quiet() -> bool:
-    return bool(os.environ.get("MACFT_QUIET"))
+    """No progress bars or informational lines: MACFT_QUIET is set, or inside :func:`silenced`."""
+    return bool(os.environ.get("MACFT_QUIET")) or _silenced > 0
+
+
+@contextmanager
+def silenced(enabled: bool = True) -> Iterator[None]:
+    """Print nothing within the block (the Python API's default: a library does not write to
+    the terminal). Warnings go to Python's :mod:`warnings` instead, where a caller can see,
+    filter or raise them. ``enabled=False``: an ordinary block (``verbose=True``)."""
+    global _silenced
+    if not enabled:
+        yield
+        return
+    saved = console.quiet, out.quiet
+    console.quiet = out.quiet = True
+    _silenced += 1
+    try:
+        yield
+    finally:
+        _silenced -= 1
+        console.quiet, out.quiet = saved
 
 
 def info(msg: str) -> None:
@@ -33,6 +56,17 @@ def info(msg: str) -> None:
 
 
 def warn(msg: str) -> None:
+    if _silenced:
+        import warnings
+
+        from rich.markup import MarkupError, render
+
+        try:
+            text = render(msg).plain
+        except MarkupError:
+            text = msg
+        warnings.warn(text, UserWarning, stacklevel=2)
+        return
     console.print(f"[yellow]warning:[/] {msg}")
 
 

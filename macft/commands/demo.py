@@ -24,6 +24,8 @@ from pathlib import Path
 from ..errors import MacftError
 from ..ui import console
 
+HELP = ("Run the whole product offline in minutes: tiny Gemma-3, LoRA on the bundled data, "
+        "q4_k_m GGUF, before/after answers through llama.cpp.")
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "examples" / "data"
 QUESTIONS = 3
@@ -35,6 +37,16 @@ def _data_dir() -> Path:
                          "macft repository (pip install -e .).",
                          "git clone the repository, pip install -e '.[dev]' in it, then run macft demo.")
     return DATA
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", metavar="DIR", default="macft-demo", help="Where everything goes (default ./macft-demo).")
+    p.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
+    p.add_argument("--backend", choices=["auto", "mlx", "cuda"], default="auto",
+                   help="Training backend (default auto: MLX on Apple silicon, else PyTorch).")
+    p.add_argument("--iters", type=int, default=150, metavar="N", help="LoRA training steps (default 150).")
+    p.add_argument("--base-steps", type=int, default=150, metavar="N",
+                   help="Steps of the full fine-tune that gives the random base its general knowledge.")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_steps(args: argparse.Namespace, data: Path, out: Path) -> int:
-    from ..cli import main as cli_main
+    from .. import api
     from ..tiny import build_tiny_gemma3, corpus_from_jsonl, pretrain
 
     t0 = time.time()
@@ -83,19 +95,20 @@ def _run_steps(args: argparse.Namespace, data: Path, out: Path) -> int:
 
     stage(2)
     run_dir = out / "run"
-    rc = cli_main(["train", "--backend", args.backend, "--model", str(base), "--data", str(data / "nya_chat"),
-                   "--output", str(run_dir), "--iters", str(args.iters), "--batch-size", "4",
-                   "--learning-rate", "3e-3", "--eval-every", "50", "--save-every", "0", "--log-every", "10"])
-    if rc != 0:
-        return rc
+    run = api.train(backend=args.backend, model=str(base), data=str(data / "nya_chat"), output=str(run_dir),
+                    iters=args.iters, batch_size=4, learning_rate=3e-3, eval_every=50, save_every=0,
+                    log_every=10, verbose=True)
+    if (run.summary() or {}).get("interrupted"):
+        return 130
 
     stage(3)
     export_dir = out / "export"
-    rc = cli_main(["export", "--run", str(run_dir), "--quant", "q4_k_m", "--output", str(export_dir),
-                   "--verify-prompts", "4", "--eval-tokens", "1024"])
-    if rc != 0:
-        return rc
-    gguf = next(export_dir.glob("*-q4_k_m.gguf"))
+    exported = api.export(run, quant="q4_k_m", output=export_dir, verify_prompts=4, eval_tokens=1024,
+                          verbose=True)
+    from ..ui import out as stdout
+
+    stdout.print(str(exported.output))  # as `macft export` prints it
+    gguf = next(f for f in exported.files if f.name.endswith("-q4_k_m.gguf"))
 
     stage(4)
     answers = before_after(run_dir, gguf, data / "nya_chat" / "valid.jsonl")
@@ -116,8 +129,8 @@ def _run_steps(args: argparse.Namespace, data: Path, out: Path) -> int:
 def before_after(run_dir: Path, gguf: Path, valid: Path) -> list[dict[str, str]]:
     """The first held-out questions: the base model (adapter off, the training backend) and
     the exported GGUF (llama.cpp), greedy."""
-    from ..inference import Sampling, load_chat_model
-
+    from ..chat_session import load_chat_model
+    from ..inference import Sampling
     rows = [json.loads(x) for x in valid.read_text(encoding="utf-8").splitlines() if x.strip()]
     prompts = []
     for r in rows:  # conversations up to their first reply (system prompts kept), one per question

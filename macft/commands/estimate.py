@@ -1,5 +1,9 @@
 """`macft estimate`: peak memory part by part, whether it fits, settings that fit, and the
-time per epoch from a short calibration run (see :mod:`macft.estimate`)."""
+time per epoch from a short calibration run (see :mod:`macft.sizing`).
+
+``run(args)`` turns the command line into a config; :func:`assess` and :func:`calibrate` do the
+work and return data (``macft.estimate`` in Python calls them too); the rest prints.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +11,149 @@ import argparse
 import copy
 import json
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.table import Table
-
-from ..backends import choose_auto, get_backend
-from ..cli import cli_values
-from ..config import build_config, validate
+from ..config import RunConfig, build_config, validate
 from ..errors import BackendUnavailable, MacftError
-from ..estimate import Estimate, estimate, setting_for, shape_from_config, suggestions
-from ..model_info import read_model_info
-from ..models import resolve_model_path
 from ..presets import get_preset
-from ..ui import console, human_bytes, warn
+from ._args import add_config_flags, cli_values
 
+# The memory model (numpy), the backends and rich are imported where they are used, so that
+# `macft estimate --help` stays quick.
+if TYPE_CHECKING:
+    from ..sizing import Estimate
+
+HELP = ("Predict peak memory (and, with --data, time per epoch) before training; "
+        "suggest settings that fit.")
 SECTIONS = ("model", "lora", "data", "train")
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config; command-line flags override it.")
+    p.add_argument("--preset", metavar="NAME", help="Start from a preset (see `macft models`).")
+    p.add_argument("--calibrate-steps", type=int, default=4, metavar="N",
+                   help="Training steps to time for the time per epoch (needs --data and the weights; "
+                        "0: memory only, nothing loaded). Default 4.")
+    p.add_argument("--json", action="store_true", help="Print the estimate as JSON on stdout.")
+    add_config_flags(p, SECTIONS)
+
+
 def run(args: argparse.Namespace) -> int:
-    base = get_preset(args.preset).config if args.preset else None
-    cfg = build_config(args.config, cli_values(args, SECTIONS), base=base)
+    cfg = resolve(cli_values(args, SECTIONS), config_file=args.config, preset=args.preset)
+    report = estimate_and_show(cfg, preset=args.preset, calibrate_steps=args.calibrate_steps)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    return 0 if report.fits else 1
+
+
+# --------------------------------------------------------------------------- the data
+
+
+@dataclass
+class Suggestion:
+    flags: str  # the flags to add, e.g. "--batch-size 2 --grad-accum 4"
+    total_bytes: int  # the peak with them
+
+
+@dataclass
+class Calibration:
+    """A few real training steps, timed (the first, which compiles and warms up, excluded)."""
+
+    tokens_per_sec: float  # trained tokens per second
+    epoch_seconds: float
+    run_seconds: float  # the whole run as configured
+    epoch_trained_tokens: int
+    measured_peak_gb: float
+    logged_steps: int  # steps the calibration run logged
+    run_steps: int  # optimizer steps of the whole run
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tokens_per_sec": self.tokens_per_sec, "epoch_seconds": self.epoch_seconds,
+                "run_seconds": self.run_seconds, "epoch_trained_tokens": self.epoch_trained_tokens,
+                "measured_peak_gb": self.measured_peak_gb}
+
+
+@dataclass
+class EstimateReport:
+    """The estimate, part by part (``macft estimate --json`` prints :meth:`to_dict`)."""
+
+    model: str
+    backend: str  # "mlx" or "cuda"
+    device: str
+    params: int  # parameters of the base model
+    batch_rows: int  # the largest micro-batch: rows ...
+    batch_tokens: int  # ... of this many tokens
+    parts_bytes: dict[str, int]  # weights, LoRA, optimizer, activations, logits, ... (bytes)
+    total_bytes: int  # the predicted peak
+    budget_bytes: int
+    budget: str  # what the budget is, e.g. "GPU memory"
+    fits: bool
+    suggestions: list[Suggestion] = field(default_factory=list)  # settings that fit, when it does not
+    calibration: Calibration | None = None  # with data and calibration steps, when it fits
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "model": self.model, "backend": self.backend, "device": self.device, "params": self.params,
+            "largest_batch": {"rows": self.batch_rows, "tokens": self.batch_tokens},
+            "parts_bytes": dict(self.parts_bytes), "total_bytes": self.total_bytes,
+            "budget_bytes": self.budget_bytes, "budget": self.budget, "fits": self.fits,
+            "suggestions": [{"flags": s.flags, "total_bytes": s.total_bytes} for s in self.suggestions]}
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.to_dict()
+        return out
+
+
+@dataclass
+class Assessment:
+    """The memory estimate with what it was made from (what printing and calibration need)."""
+
+    cfg: RunConfig
+    backend: str
+    shape: Any
+    target: Any
+    estimate: Estimate
+    fixes: list[tuple[str, Estimate]]
+    prepared: Any | None  # macft.commands.train.Prepared, when the config names data
+    preset: str | None = None
+
+    def report(self, calibration: Calibration | None = None) -> EstimateReport:
+        s, t = self.estimate.setting, self.target
+        return EstimateReport(
+            model=str(self.cfg.model.name), backend=self.backend, device=t.device, params=self.shape.params,
+            batch_rows=s.batch, batch_tokens=s.seq_len, parts_bytes=dict(self.estimate.parts),
+            total_bytes=self.estimate.total, budget_bytes=t.budget, budget=t.budget_label,
+            fits=self.estimate.fits, suggestions=[Suggestion(w, e.total) for w, e in self.fixes],
+            calibration=calibration)
+
+
+# --------------------------------------------------------------------------- the work
+
+
+def resolve(values: dict[str, Any], *, config_file: str | Path | None = None, preset: str | None = None,
+            base: RunConfig | None = None) -> RunConfig:
+    """defaults < ``preset`` (or a whole config, ``base``) < YAML < ``values``; only the model is
+    required."""
+    if preset and base is not None:
+        raise MacftError("A preset and a whole RunConfig are alternatives: the config already holds "
+                         "every setting.", "Pass the preset (with overrides), or the config alone.")
+    layer = get_preset(preset).config if preset else base.to_dict() if base is not None else None
+    cfg = build_config(config_file, values, base=layer)
     validate(cfg, require=("model.name",))
+    return cfg
+
+
+def assess(cfg: RunConfig, *, preset: str | None = None, load_weights: bool = False) -> Assessment:
+    """Predict the peak: from the data's real batches when the config names data (tokenized
+    here; ``load_weights``: download the weights too, for :func:`calibrate`), else from
+    batch-size x max-seq-len. Only config files and the tokenizer are read otherwise."""
+    from ..backends import choose_auto, get_backend
+    from ..model_info import read_model_info
+    from ..models import resolve_model_path
+    from ..sizing import estimate, setting_for, shape_from_config, suggestions
+    from ..ui import warn
+
     name, auto_warning = (choose_auto() if cfg.train.backend == "auto" else (cfg.train.backend, None))
     backend = get_backend(name)
     if auto_warning:
@@ -36,13 +161,12 @@ def run(args: argparse.Namespace) -> int:
     problems = backend.check(cfg, None)
     if problems:
         raise BackendUnavailable(name, problems)
-    calibrate = args.calibrate_steps > 0 and bool(cfg.data.train)
     plan = prepared = None
     if cfg.data.train:
         from .train import prepare
 
         cfg.train.backend = name
-        prepared = prepare(cfg, args, main_process=True, tokenizer_only=not calibrate)
+        prepared = prepare(cfg, preset=preset, main_process=True, tokenizer_only=not load_weights)
         model_path, model_info, plan = prepared.model_path, prepared.model_info, prepared.plan
     else:
         model_path = resolve_model_path(cfg.model.name, revision=cfg.model.revision,  # type: ignore[arg-type]
@@ -56,26 +180,79 @@ def run(args: argparse.Namespace) -> int:
     setting = setting_for(cfg, plan)
     est = estimate(shape, target, setting)
     fixes = [] if est.fits else suggestions(shape, target, setting)
-    report: dict[str, Any] = {
-        "model": cfg.model.name, "backend": name, "device": target.device,
-        "params": shape.params, "largest_batch": {"rows": setting.batch, "tokens": setting.seq_len},
-        "parts_bytes": est.parts, "total_bytes": est.total, "budget_bytes": target.budget,
-        "budget": target.budget_label, "fits": est.fits,
-        "suggestions": [{"flags": w, "total_bytes": e.total} for w, e in fixes]}
-    show_memory(cfg, shape, est, fixes, plan is not None)
-    if calibrate and prepared is not None:
-        if not est.fits:
-            warn("Skipping the calibration run: the configuration does not fit (see above).")
-        else:
-            report["calibration"] = calibration(args, prepared)
-    elif args.calibrate_steps > 0:
+    return Assessment(cfg, name, shape, target, est, fixes, prepared, preset)
+
+
+def estimate_and_show(cfg: RunConfig, *, preset: str | None = None, calibrate_steps: int = 4) -> EstimateReport:
+    """:func:`assess`, print it, :func:`calibrate` when it fits, print that: what ``macft estimate``
+    does (``macft.estimate`` in Python too, printing only with ``verbose``)."""
+    from ..ui import console
+
+    m = assess(cfg, preset=preset, load_weights=calibrate_steps > 0)
+    show_memory(m.cfg, m.shape, m.estimate, m.fixes, m.prepared is not None)
+    cal = calibrate_if_fits(m, calibrate_steps)
+    if cal is not None:
+        show_calibration(cal)
+    elif calibrate_steps > 0 and m.prepared is None:
         console.print("[dim]Give --data to also time a few training steps (time per epoch).[/]")
-    if args.json:
-        print(json.dumps(report, indent=1))
-    return 0 if est.fits else 1
+    return m.report(cal)
+
+
+def calibrate_if_fits(m: Assessment, steps: int) -> Calibration | None:
+    """:func:`calibrate` when there is data, ``steps`` > 0 and the estimate fits (else None)."""
+    from ..ui import warn
+
+    if steps <= 0 or m.prepared is None:
+        return None
+    if not m.estimate.fits:
+        warn("Skipping the calibration run: the configuration does not fit (see above).")
+        return None
+    return calibrate(m.prepared, steps, preset=m.preset)
+
+
+def calibrate(p: Any, steps: int, *, preset: str | None = None) -> Calibration:
+    """Train ``steps`` (at least 2) steps of the prepared run (:func:`macft.commands.train.prepare`)
+    in a throw-away run directory and time them."""
+    from ..training.rundir import read_metrics
+    from ..ui import console
+    from .train import TrainOptions, train
+
+    steps = max(2, steps)
+    console.rule(f"Calibration: {steps} training steps")
+    with tempfile.TemporaryDirectory(prefix="macft-calibrate-") as tmp:
+        out = Path(tmp) / "run"
+        cfg = copy.deepcopy(p.cfg)
+        cfg.train.iters = steps  # iters decide (not epochs)
+        cfg.train.output = str(out)
+        cfg.train.eval_every = cfg.train.save_every = 0
+        cfg.train.log_every = 1
+        done = train(cfg, None, TrainOptions(preset=preset, force=True, calibration=True))
+        if done.exit_code != 0:
+            raise MacftError("The calibration run stopped early.", "Run it again, or pass --calibrate-steps 0.")
+        rows = [r for r in read_metrics(out) if "loss" in r and "step" in r]
+    if len(rows) < 2:
+        raise MacftError("The calibration run logged fewer than two steps.", "Raise --calibrate-steps.")
+    first, last = rows[0], rows[-1]
+    secs = last["elapsed_sec"] - first["elapsed_sec"]
+    toks = last["trained_tokens"] - first["trained_tokens"]
+    tps = toks / secs if secs > 0 else float("nan")
+    plan, cfg = p.plan, p.cfg
+    epoch_tokens = sum(plan.batch(0, i).n_trained for i in range(plan.batches_per_epoch()))
+    micro = p.steps * cfg.train.grad_accum
+    run_tokens = epoch_tokens * micro / plan.batches_per_epoch()
+    return Calibration(tokens_per_sec=tps, epoch_seconds=epoch_tokens / tps, run_seconds=run_tokens / tps,
+                       epoch_trained_tokens=epoch_tokens, measured_peak_gb=last["peak_memory_gb"],
+                       logged_steps=len(rows), run_steps=p.steps)
+
+
+# --------------------------------------------------------------------------- printing
 
 
 def show_memory(cfg: Any, shape: Any, est: Estimate, fixes: list[tuple[str, Estimate]], from_data: bool) -> None:
+    from rich.table import Table
+
+    from ..ui import console, human_bytes
+
     t, s = est.target, est.setting
     table = Table(title=f"Peak memory: {cfg.model.name} on {t.backend} ({t.device})", title_justify="left")
     table.add_column("part")
@@ -103,56 +280,13 @@ def show_memory(cfg: Any, shape: Any, est: Estimate, fixes: list[tuple[str, Esti
         console.print(f"  [bold]{words}[/]  (about {human_bytes(e.total)})")
 
 
-def calibration(args: argparse.Namespace, p: Any) -> dict[str, Any]:
-    """Train a few steps in a throw-away run directory and time them."""
-    from ..training.rundir import read_metrics
-    from .train import run as train_run
+def show_calibration(c: Calibration) -> None:
+    from ..ui import console
 
-    steps = max(2, args.calibrate_steps)
-    console.rule(f"Calibration: {steps} training steps")
-    with tempfile.TemporaryDirectory(prefix="macft-calibrate-") as tmp:
-        ns = copy.copy(args)
-        out = Path(tmp) / "run"
-        ns.force, ns.resume, ns.calibration = True, None, True
-        _set_flag(ns, "train.iters", steps)
-        _set_flag(ns, "train.epochs", None)  # iters decide
-        _set_flag(ns, "train.output", str(out))
-        _set_flag(ns, "train.eval_every", 0)
-        _set_flag(ns, "train.save_every", 0)
-        _set_flag(ns, "train.log_every", 1)
-        rc = train_run(ns)
-        if rc != 0:
-            raise MacftError("The calibration run stopped early.", "Run it again, or pass --calibrate-steps 0.")
-        rows = [r for r in read_metrics(out) if "loss" in r and "step" in r]
-    if len(rows) < 2:
-        raise MacftError("The calibration run logged fewer than two steps.", "Raise --calibrate-steps.")
-    first, last = rows[0], rows[-1]
-    secs = last["elapsed_sec"] - first["elapsed_sec"]
-    toks = last["trained_tokens"] - first["trained_tokens"]
-    tps = toks / secs if secs > 0 else float("nan")
-    plan, cfg = p.plan, p.cfg
-    epoch_tokens = sum(plan.batch(0, i).n_trained for i in range(plan.batches_per_epoch()))
-    micro = p.steps * cfg.train.grad_accum
-    run_tokens = epoch_tokens * micro / plan.batches_per_epoch()
-    epoch_s, run_s = epoch_tokens / tps, run_tokens / tps
-    console.print(f"Calibration: {tps:,.0f} trained tokens/s (steps 2-{len(rows)}; step 1 compiles and "
-                  f"warms up); peak memory measured {last['peak_memory_gb']:.2f} GB.")
-    console.print(f"Time per epoch: about [bold]{_hms(epoch_s)}[/] ({epoch_tokens:,} trained tokens); "
-                  f"the whole run ({p.steps} steps): about [bold]{_hms(run_s)}[/].")
-    return {"tokens_per_sec": tps, "epoch_seconds": epoch_s, "run_seconds": run_s,
-            "epoch_trained_tokens": epoch_tokens, "measured_peak_gb": last["peak_memory_gb"]}
-
-
-def _set_flag(ns: argparse.Namespace, key: str, value: Any) -> None:
-    """Set a config flag's value in the namespace (its dest, whatever the section)."""
-    from ..config import field_specs
-
-    for spec in field_specs(SECTIONS):
-        if spec.key == key and value is None:
-            if hasattr(ns, spec.dest):
-                delattr(ns, spec.dest)
-        elif spec.key == key:
-            setattr(ns, spec.dest, value)
+    console.print(f"Calibration: {c.tokens_per_sec:,.0f} trained tokens/s (steps 2-{c.logged_steps}; step 1 "
+                  f"compiles and warms up); peak memory measured {c.measured_peak_gb:.2f} GB.")
+    console.print(f"Time per epoch: about [bold]{_hms(c.epoch_seconds)}[/] ({c.epoch_trained_tokens:,} trained "
+                  f"tokens); the whole run ({c.run_steps} steps): about [bold]{_hms(c.run_seconds)}[/].")
 
 
 def _hms(s: float) -> str:

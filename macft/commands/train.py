@@ -1,63 +1,109 @@
-"""`macft train`: resolve the config, prepare data, pick a backend, train, report."""
+"""`macft train`: resolve the config, prepare data, pick a backend, train, report.
+
+``run(args)`` turns the command line into a :class:`RunConfig` and :class:`TrainOptions`;
+:func:`resolve` and :func:`train` do the work (``macft.train`` in Python calls them too).
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .. import __version__
-from ..backends import TrainJob, choose_auto, get_backend
-from ..cli import cli_values
-from ..config import RunConfig, build_config, dump_yaml, load_run_config, validate
-from ..data.batching import BatchPlan, eval_batches, padding_share
-from ..data.dataset import build_data
-from ..data.render import Renderer
-from ..data.templates import renderer_for, suggest
-from ..data.tokenizer import load_tokenizer
+from .._version import __version__
+from ..config import RunConfig, build_config, dump_yaml, validate
 from ..errors import BackendUnavailable, MacftError
-from ..model_info import ModelInfo, read_model_info
-from ..models import resolve_model_path
 from ..presets import get_preset
-from ..training.events import CallbackList, TrainingCallback
-from ..training.loop import LoopResult, LoopSettings, latest_checkpoint, read_position
-from ..training.progress import RichProgress, summary_table
-from ..training.rundir import (
-    LossPlot,
-    MetricsWriter,
-    RunLock,
-    make_run_dir,
-    prepare_run_dir,
-    remove_failed_run,
-    remove_temporaries,
-    truncate_metrics,
+from ..run import (
+    CONFIG,
+    SUMMARY,
+    Resolved,
+    latest_checkpoint,
+    open_run,
+    read_config,
+    write_json_atomic,
     write_text_atomic,
 )
-from ..training.schedule import make_schedule, total_steps
-from ..ui import console, task_progress, warn
+from ._args import add_config_flags, cli_values
 
+# The rest (numpy, the data readers, the backends, rich) is imported where it is used, so that
+# `macft train --help` stays quick.
+if TYPE_CHECKING:
+    from ..backends import TrainJob
+    from ..data.batching import BatchPlan
+    from ..data.render import Renderer
+    from ..model_info import ModelInfo
+    from ..training.events import TrainingCallback
+    from ..training.loop import LoopResult, LoopSettings
+    from ..training.rundir import RunLock
+
+HELP = "Fine-tune a model with LoRA / QLoRA (MLX or PyTorch backend)."
+SECTIONS = ("model", "lora", "data", "train")
 RESUME_OVERRIDABLE = {"train.iters", "train.epochs", "train.eval_every", "train.save_every",
                       "train.log_every"}
 
 
-def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path | None]:
-    """The run's config (CLI > YAML > defaults) and, for --resume, the checkpoint (None when
-    the run stopped before writing one: it then starts again from step 0)."""
-    values = cli_values(args, ("model", "lora", "data", "train"))
-    if args.resume:
-        run_dir = Path(args.resume)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config; command-line flags override it.")
+    p.add_argument("--preset", metavar="NAME", help="Start from a preset (gemma3-1b, gemma3-4b; see "
+                   "`macft models`): defaults < preset < YAML < flags.")
+    p.add_argument("--resume", metavar="RUN", help="Continue an interrupted run from its last checkpoint.")
+    p.add_argument("--force", action="store_true",
+                   help="Train even when the memory estimate says the run will not fit, or resume "
+                        "on a base model whose weights differ from those the run started on.")
+    add_config_flags(p, SECTIONS)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg, ckpt = resolve(cli_values(args, SECTIONS), config_file=args.config, preset=args.preset,
+                        resume=args.resume)
+    options = TrainOptions(preset=args.preset, resume=Path(args.resume) if args.resume else None,
+                           force=args.force)
+    return train(cfg, ckpt, options).exit_code
+
+
+@dataclass
+class TrainOptions:
+    """What a training takes besides its config."""
+
+    preset: str | None = None  # recorded in the run; its end tokens are checked against the tokenizer
+    resume: Path | None = None  # the run directory to continue (its config comes from resolve())
+    force: bool = False  # train despite the memory estimate, or resume on other base weights
+    calibration: bool = False  # `macft estimate`'s timing run: no summary, no final report
+    callbacks: list[TrainingCallback] = field(default_factory=list)  # after the built-in ones
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    result: LoopResult
+
+    @property
+    def exit_code(self) -> int:
+        return 130 if self.result.interrupted else 0
+
+
+def resolve(values: dict[str, Any], *, config_file: str | Path | None = None, preset: str | None = None,
+            resume: str | Path | None = None, base: RunConfig | None = None) -> tuple[RunConfig, Path | None]:
+    """The run's config and, to resume, the checkpoint (None when the run stopped before writing
+    one: it then starts again from step 0).
+
+    defaults < ``preset`` (or a whole config, ``base``) < the YAML ``config_file`` < ``values``
+    (``"section.name"`` keys: command-line strings or Python values). ``resume``: the saved
+    config of that run, of which only :data:`RESUME_OVERRIDABLE` may change."""
+    if resume:
+        run_dir = Path(resume)
         if run_dir.exists() and not run_dir.is_dir():
             raise MacftError(f"--resume {run_dir} is a file, not a run directory.",
                              "Pass the directory that `macft train` wrote (it holds config.yaml).")
-        saved, _ = load_run_config(run_dir)
+        saved, _ = read_config(run_dir)
         ckpt = latest_checkpoint(run_dir)
         bad = sorted(set(values) - RESUME_OVERRIDABLE)
-        if bad or args.config:
+        if bad or config_file or base is not None:
             raise MacftError(
                 "A resumed run keeps its own settings; only these may change: "
                 + ", ".join(sorted(RESUME_OVERRIDABLE)) + (f" (got {', '.join(bad)})" if bad else ""),
@@ -65,8 +111,11 @@ def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path | None]:
         cfg = build_config(base=saved.to_dict(), cli_values=values)
         cfg.train.output = str(run_dir)
         return cfg, ckpt
-    base = get_preset(args.preset).config if getattr(args, "preset", None) else None
-    cfg = build_config(args.config, values, base=base)
+    if preset and base is not None:
+        raise MacftError("A preset and a whole RunConfig are alternatives: the config already holds "
+                         "every setting.", "Pass the preset (with overrides), or the config alone.")
+    layer = get_preset(preset).config if preset else base.to_dict() if base is not None else None
+    cfg = build_config(config_file, values, base=layer)
     validate(cfg, require=("model.name", "data.train"))
     # Later commands (export, eval) run from anywhere: keep local paths absolute.
     for key in ("train", "valid", "rehearsal_data"):
@@ -102,8 +151,21 @@ class Prepared:
     settings: LoopSettings
 
 
-def prepare(cfg: RunConfig, args: argparse.Namespace, main_process: bool = True,
+def prepare(cfg: RunConfig, *, preset: str | None = None, main_process: bool = True,
             tokenizer_only: bool = False) -> Prepared:
+    """Backend, model files, tokenizer and batches of a resolved config (``tokenizer_only``:
+    download no weights, for an estimate)."""
+    from ..backends import choose_auto, get_backend
+    from ..data.batching import BatchPlan, eval_batches
+    from ..data.dataset import build_data
+    from ..data.templates import renderer_for
+    from ..data.tokenizer import load_tokenizer
+    from ..model_info import read_model_info
+    from ..models import resolve_model_path
+    from ..training.loop import LoopSettings
+    from ..training.schedule import make_schedule, total_steps
+    from ..ui import task_progress, warn
+
     # -- backend ---------------------------------------------------------------
     name, auto_warning = (choose_auto() if cfg.train.backend == "auto" else (cfg.train.backend, None))
     backend = get_backend(name)
@@ -127,12 +189,12 @@ def prepare(cfg: RunConfig, args: argparse.Namespace, main_process: bool = True,
     # -- data --------------------------------------------------------------------
     tok = load_tokenizer(str(model_path))
     renderer = renderer_for(tok, cfg.data.loss_on, cfg.data.chat_template)
-    if getattr(args, "preset", None):
-        preset = get_preset(args.preset)
-        if renderer.end_tokens()[:1] != list(preset.end_tokens[:1]):
-            warn(f"The preset {preset.name} expects the turn to end with {preset.end_tokens[0]}, but this "
-                 f"tokenizer's chat template ends turns with {renderer.end_tokens()[:1]}: is --model the "
-                 f"right model ({preset.hub_id})?")
+    if preset:
+        the_preset = get_preset(preset)
+        if renderer.end_tokens()[:1] != list(the_preset.end_tokens[:1]):
+            warn(f"The preset {the_preset.name} expects the turn to end with {the_preset.end_tokens[0]}, but "
+                 f"this tokenizer's chat template ends turns with {renderer.end_tokens()[:1]}: is --model the "
+                 f"right model ({the_preset.hub_id})?")
     with task_progress() as prog:
         t = prog.add_task("tokenizing", total=None)
         data = build_data(cfg.data.train, cfg.data.valid, renderer, fmt=cfg.data.format,  # type: ignore[arg-type]
@@ -159,7 +221,8 @@ def prepare(cfg: RunConfig, args: argparse.Namespace, main_process: bool = True,
 
 def check_memory(p: Prepared, force: bool) -> None:
     """The estimate before any weight is loaded: refuse a run that cannot fit (unless --force)."""
-    from ..estimate import check_fits, setting_for, shape_from_config
+    from ..sizing import check_fits, setting_for, shape_from_config
+    from ..ui import console, warn
 
     shape = shape_from_config(p.model_info, p.model_path)
     target = p.backend.memory_target(p.cfg, p.model_info)
@@ -176,44 +239,64 @@ def check_memory(p: Prepared, force: bool) -> None:
                   f"{human_bytes(target.budget)} ({target.budget_label}).")
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg, ckpt = resolve(args)
+def train(cfg: RunConfig, ckpt: Path | None = None, options: TrainOptions | None = None) -> TrainResult:
+    """Train a resolved config (:func:`resolve`) into its run directory (``cfg.train.output``,
+    or a new one under runs/); with ``options.resume``, continue that run from ``ckpt``."""
+    from ..training.rundir import RunLock, prepare_run_dir
+
+    options = options or TrainOptions()
     validate(cfg)
     main_process = launcher_rank() == 0
     lock: RunLock | None = None
-    if args.resume and main_process:
+    if options.resume and main_process:
         # before the data is read: a second process on the same run is refused at once
-        lock = RunLock(Path(args.resume)).acquire()
+        lock = RunLock(Path(options.resume)).acquire()
     elif main_process:
         # an --output that cannot be used is refused before the data is read too
         cfg.train.output = str(prepare_run_dir(cfg.train.output, cfg.model.name))  # type: ignore[arg-type]
     try:
-        return _run_locked(args, cfg, ckpt, main_process, lock)
+        return _train_locked(options, cfg, ckpt, main_process, lock)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_locked(args: argparse.Namespace, cfg: RunConfig, ckpt: Path | None, main_process: bool,
-                lock: RunLock | None) -> int:
-    p = prepare(cfg, args, main_process)
+def _train_locked(options: TrainOptions, cfg: RunConfig, ckpt: Path | None, main_process: bool,
+                  lock: RunLock | None) -> TrainResult:
+    from ..backends import TrainJob
+    from ..training.events import CallbackList
+    from ..training.loop import read_position
+    from ..training.progress import RichProgress
+    from ..training.rundir import (
+        LossPlot,
+        MetricsWriter,
+        RunLock,
+        make_run_dir,
+        prepare_run_dir,
+        remove_failed_run,
+        remove_temporaries,
+        truncate_metrics,
+    )
+    from ..ui import console
+
+    p = prepare(cfg, preset=options.preset, main_process=main_process)
     if ckpt is not None:
         check = getattr(p.backend, "check_checkpoint", None)
         if check is not None:
             check(ckpt)  # before any weight is loaded
-    if args.resume:
-        _check_same_base(Path(args.resume), p.model_path, getattr(args, "force", False))
+    if options.resume:
+        _check_same_base(Path(options.resume), p.model_path, options.force)
     if main_process:
-        check_memory(p, getattr(args, "force", False))
+        check_memory(p, options.force)
     name, backend, model_path, model_info = p.backend_name, p.backend, p.model_path, p.model_info
     renderer, data, plan, valid, steps, settings = p.renderer, p.data, p.plan, p.valid, p.steps, p.settings
 
     # -- run directory -------------------------------------------------------------
     created = False
-    if not args.resume and not main_process:
+    if not options.resume and not main_process:
         # other data-parallel processes write nothing; rank 0 creates the directory
         run_dir = Path(cfg.train.output or Path("runs") / "rank-nonzero-unused")
-    elif not args.resume:
+    elif not options.resume:
         run_dir = prepare_run_dir(cfg.train.output, cfg.model.name)  # type: ignore[arg-type]
         make_run_dir(run_dir)
         created = True
@@ -241,22 +324,23 @@ def _run_locked(args: argparse.Namespace, cfg: RunConfig, ckpt: Path | None, mai
                 console.print(f"Resuming {run_dir} from step {pos.step} ({ckpt.name}).")
     try:
         resolved = _resolved(cfg, name, backend.device(), model_path, model_info, renderer, data, steps)
-        resolved["preset"] = getattr(args, "preset", None)
+        resolved.preset = options.preset
         if main_process:
-            write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg, resolved))
+            write_text_atomic(run_dir / CONFIG, dump_yaml(cfg, resolved.to_dict()))
 
         job = TrainJob(cfg, model_path, model_info, p.tokenizer, data, plan, valid, settings, run_dir, ckpt)
         callbacks: list[TrainingCallback] = (
             [RichProgress(), MetricsWriter(run_dir), LossPlot(run_dir)] if main_process else [])
+        callbacks.extend(options.callbacks)
         try:
             result = backend.train(job, CallbackList(callbacks))
         except BaseException:
             if created:
                 remove_failed_run(run_dir)
             raise
-        if main_process and not getattr(args, "calibration", False):
+        if main_process and not options.calibration:
             _finish(run_dir, cfg, result, job, resolved)
-        return 130 if result.interrupted else 0
+        return TrainResult(run_dir, result)
     finally:
         if created and lock is not None:
             lock.release()
@@ -265,9 +349,9 @@ def _run_locked(args: argparse.Namespace, cfg: RunConfig, ckpt: Path | None, mai
 def _check_same_base(run_dir: Path, model_path: Path, force: bool) -> None:
     """A resumed run must train on the weights it started on (a hub model may have changed)."""
     from ..fingerprint import compare
+    from ..ui import warn
 
-    _, resolved = load_run_config(run_dir)
-    cmp = compare(resolved.get("base_fingerprint"), model_path)
+    cmp = compare(open_run(run_dir).resolved.base_fingerprint, model_path)
     if cmp is None or (cmp.same and not cmp.config_differs):
         return
     msg = f"The base model {model_path} is not the one {run_dir} started training on: {cmp.describe()}."
@@ -280,6 +364,7 @@ def _check_same_base(run_dir: Path, model_path: Path, force: bool) -> None:
 
 def load_rehearsal(cfg: RunConfig, renderer: Renderer) -> list | None:
     """General examples to mix in (``--rehearsal-data``), tokenized like the task data."""
+    from ..ui import console
     if not cfg.data.rehearsal_data or cfg.data.rehearsal_ratio <= 0:
         return None
     from ..data.dataset import load_samples, tokenize_samples
@@ -298,6 +383,10 @@ def load_rehearsal(cfg: RunConfig, renderer: Renderer) -> list | None:
 
 def _print_data_summary(data: Any, plan: BatchPlan, renderer: Renderer, model_name: str = "",
                         model_type: str = "") -> None:
+    from ..data.batching import padding_share
+    from ..data.templates import suggest
+    from ..ui import console, warn
+
     s = data.train_stats
     v = data.valid_stats
     pad = padding_share([plan.batch(0, i) for i in range(min(plan.batches_per_epoch(), 200))])
@@ -321,36 +410,37 @@ def _print_data_summary(data: Any, plan: BatchPlan, renderer: Renderer, model_na
 
 
 def _resolved(cfg: RunConfig, backend: str, device: str, model_path: Path, model_info: ModelInfo,
-              renderer: Renderer, data: Any, steps: int) -> dict[str, Any]:
+              renderer: Renderer, data: Any, steps: int) -> Resolved:
     from ..data.render import FALLBACK_TEMPLATE
     from ..fingerprint import base_fingerprint
 
-    return {
-        "macft_version": __version__,
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "host": platform.node(),
-        "backend": backend,
-        "device": device,
-        "model_path": str(model_path),
-        "model_type": model_info.model_type,
-        "architectures": model_info.architectures,
-        "chat_template": renderer.template_name,
-        # the template used when it is not the tokenizer's own: chat, eval and export use it
-        "chat_template_text": renderer.template,
-        "fallback_template": FALLBACK_TEMPLATE if renderer.uses_fallback_template else None,
-        "end_tokens": renderer.end_tokens(),
-        "data_format": data.format,
-        "valid_from": data.valid_from,
-        "train_stats": data.train_stats.summary(),
-        "valid_stats": data.valid_stats.summary() if data.valid_stats else None,
-        "total_steps": steps,
-        # which weights the adapter belongs to: export, chat and eval compare it with their base
-        "base_fingerprint": base_fingerprint(model_path),
-    }
+    return Resolved(
+        macft_version=__version__,
+        created=time.strftime("%Y-%m-%d %H:%M:%S"),
+        host=platform.node(),
+        backend=backend,
+        device=device,
+        model_path=str(model_path),
+        model_type=model_info.model_type,
+        architectures=model_info.architectures,
+        chat_template=renderer.template_name,
+        chat_template_text=renderer.template,
+        fallback_template=FALLBACK_TEMPLATE if renderer.uses_fallback_template else None,
+        end_tokens=renderer.end_tokens(),
+        data_format=data.format,
+        valid_from=data.valid_from,
+        train_stats=data.train_stats.summary(),
+        valid_stats=data.valid_stats.summary() if data.valid_stats else None,
+        total_steps=steps,
+        base_fingerprint=base_fingerprint(model_path),
+    )
 
 
 def _finish(run_dir: Path, cfg: RunConfig, result: LoopResult, job: TrainJob,
-            resolved: dict[str, Any]) -> None:
+            resolved: Resolved) -> None:
+    from ..training.progress import summary_table
+    from ..ui import console
+
     summary = {
         "steps": result.step,
         "interrupted": result.interrupted,
@@ -362,11 +452,11 @@ def _finish(run_dir: Path, cfg: RunConfig, result: LoopResult, job: TrainJob,
         "seconds": round(result.seconds, 2),
         "tokens_per_sec": result.trained_tokens / result.seconds if result.seconds else None,
         "peak_memory_gb": result.peak_memory_gb,
-        "backend": resolved["backend"],
-        "device": resolved["device"],
+        "backend": resolved.backend,
+        "device": resolved.device,
         "notes": job.notes,
     }
-    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    write_json_atomic(run_dir / SUMMARY, summary)
     if result.interrupted:
         console.print(f"[yellow]Stopped at step {result.step}; a checkpoint is saved.[/]\n"
                       f"Resume with: [bold]macft train --resume {run_dir}[/]")
