@@ -464,20 +464,18 @@ def _run_streaming(cmd: list[str], hint: str, on_line) -> None:
 
 @contextlib.contextmanager
 def _locked(root: Path, say=None) -> Iterator[None]:
-    """One process at a time downloads, extracts or builds in ``root``."""
+    """One process at a time downloads, extracts or builds in ``root`` (``filelock``: ``flock``
+    on Unix, so the lock goes with the process that held it, however it ended)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(root / ".lock"))
     try:
-        import fcntl
-    except ImportError:  # Windows: no concurrent-setup protection
+        lock.acquire(timeout=0)
+    except Timeout:
+        if say:
+            say(f"Waiting for another macft process that is setting up llama.cpp in {root} ...")
+        lock.acquire()
+    try:
         yield
-        return
-    with open(root / ".lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            if say:
-                say(f"Waiting for another macft process that is setting up llama.cpp in {root} ...")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    finally:
+        lock.release()

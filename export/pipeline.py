@@ -21,11 +21,12 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from macft import __version__
+from macft._version import __version__
 from macft.errors import MacftError
 from macft.model_info import ModelInfo
 from macft.ui import console, human_bytes, task_progress
@@ -67,39 +68,9 @@ def estimate_bytes(job: ExportJob, shard_bytes: int, numel: int, adapter_bytes: 
 
 def run_export(job: ExportJob) -> dict[str, Any]:
     """Do the export; returns the report (also written to ``export-report.json``)."""
-    from macft.model_info import read_model_info
-    from macft.models import resolve_model_path
-
-    from .convert import check_architecture, check_converter_deps
-    from .llama_cpp import locate
-    from .merge import base_shards, plan_merge
-
     t_start = time.time()
     timings: dict[str, float] = {}
-    o = job.options
-    # -- 1. up-front checks (nothing written yet) ------------------------------------
-    base_dir = resolve_model_path(job.base)
-    info = read_model_info(base_dir)
-    if job.run_dir is not None:
-        from macft.fingerprint import check_base
-
-        check_base(job.resolved, job.run_dir, base_dir, force=o.force,
-                   other_base_hint=" with --model BASE")
-    plan = plan_merge(base_dir, job.adapter_dir, job.merge_quant)  # checks the base and the adapter
-    tools = locate(o.llama_cpp)
-    check_converter_deps()
-    arch = check_architecture(tools, info)
-    numel = sum(t.numel for sf in plan.shards for t in sf.tensors.values())
-    shard_bytes = sum(p.stat().st_size for p in base_shards(base_dir))
-    adapter_bytes = sum(p.stat().st_size for p in job.adapter_dir.iterdir() if p.is_file())
-    n_vocab = info.vocab_size
-    need = estimate_bytes(job, shard_bytes, numel, adapter_bytes, n_vocab)
-    free = _free_bytes(job.output)
-    if free < need:
-        raise MacftError(
-            f"Not enough disk space for this export in {job.output}: it needs about {human_bytes(need)} "
-            f"(merged model, 16-bit GGUF, {len(o.quants)} quantized file(s)), {human_bytes(free)} is free.",
-            "Free some space, pass --output on a disk with more room, or ask for fewer --quant types.")
+    base_dir, info, plan, tools, arch, need = _check_up_front(job)
     created = not job.output.exists()
     try:
         job.output.mkdir(parents=True, exist_ok=True)
@@ -124,7 +95,51 @@ def run_export(job: ExportJob) -> dict[str, Any]:
         raise
     shutil.rmtree(work, ignore_errors=True)
     report["timings"]["total"] = round(time.time() - t_start, 1)
-    from .report import collapse_warnings, print_summary
+    from .report import print_summary
+
+    _write_report(job, report, need)
+    print_summary(report, job.output)
+    return report
+
+
+def _check_up_front(job: ExportJob) -> tuple[Path, ModelInfo, Any, Any, str, int]:
+    """1. Everything that can be checked before anything is written: the base against the run,
+    the base and the adapter, the llama.cpp tools and the converter's packages, the
+    architecture, the disk space. Returns (base_dir, info, merge plan, tools, architecture,
+    bytes the export needs)."""
+    from macft.model_info import read_model_info
+    from macft.models import resolve_model_path
+
+    from .convert import check_architecture, check_converter_deps
+    from .llama_cpp import locate
+    from .merge import base_shards, plan_merge
+
+    o = job.options
+    base_dir = resolve_model_path(job.base)
+    info = read_model_info(base_dir)
+    if job.run is not None:
+        job.run.check_base(base_dir, force=o.force, other_base_hint=" with --model BASE")
+    plan = plan_merge(base_dir, job.adapter_dir, job.merge_quant)  # checks the base and the adapter
+    tools = locate(o.llama_cpp)
+    check_converter_deps()
+    arch = check_architecture(tools, info)
+    numel = sum(t.numel for sf in plan.shards for t in sf.tensors.values())
+    shard_bytes = sum(p.stat().st_size for p in base_shards(base_dir))
+    adapter_bytes = sum(p.stat().st_size for p in job.adapter_dir.iterdir() if p.is_file())
+    n_vocab = info.vocab_size
+    need = estimate_bytes(job, shard_bytes, numel, adapter_bytes, n_vocab)
+    free = _free_bytes(job.output)
+    if free < need:
+        raise MacftError(
+            f"Not enough disk space for this export in {job.output}: it needs about {human_bytes(need)} "
+            f"(merged model, 16-bit GGUF, {len(o.quants)} quantized file(s)), {human_bytes(free)} is free.",
+            "Free some space, pass --output on a disk with more room, or ask for fewer --quant types.")
+    return base_dir, info, plan, tools, arch, need
+
+
+def _write_report(job: ExportJob, report: dict[str, Any], need: int) -> None:
+    """``export-report.json``, with the warnings collapsed, written under a temporary name."""
+    from .report import collapse_warnings
 
     report["warnings"] = collapse_warnings(report)
     tmp = job.output / f".{REPORT}.tmp"
@@ -137,8 +152,6 @@ def run_export(job: ExportJob) -> dict[str, Any]:
         if full is None:
             raise
         raise full from None
-    print_summary(report, job.output)
-    return report
 
 
 WORK_PREFIX = ".macft-export-"
@@ -204,24 +217,76 @@ def _disk_full(e: BaseException, output: Path, need: int) -> MacftError | None:
         "Free some space, pass --output on a disk with more room, or ask for fewer --quant types.")
 
 
+@dataclass
+class _Export:
+    """What the steps share: the job, the llama.cpp tools, the work directory, and the report,
+    its timings and notes, which they fill in."""
+
+    job: ExportJob
+    tools: Any
+    work: Path
+    report: dict[str, Any]
+    timings: dict[str, float]
+    notes: list[str]
+    out: Outputs = field(default_factory=Outputs)
+
+
+@dataclass
+class _Prompts:
+    """The validation prompts (``ev``, an eval set) and what rendered them."""
+
+    tok: Any
+    renderer: Any
+    end_tokens: list[str]
+    ev: Any
+    source: str
+
+
 def _run_steps(job: ExportJob, tools, base_dir: Path, info: ModelInfo, arch: str, plan, work: Path,
                timings: dict[str, float]) -> dict[str, Any]:
-    from macft.data.render import FALLBACK_TEMPLATE, Renderer
-    from macft.data.tokenizer import load_tokenizer
-    from macft.inference import run_chat_template
-
-    from .convert import convert_lora, convert_model
+    """Steps 2 to 8, every file written inside ``work``; returns the report, its ``_final``
+    entry listing the files to move into the output directory."""
     from .gguf_info import read_gguf
-    from .merge import choose_outtype, merge
-    from .prompts import build_eval_set, file_samples, generic_samples, run_samples
-    from .quantize import quantize
-    from .tokenizer_fix import fix_tokenizer
-    from .verify import GGUFCheck, LlamaRunner, check_gguf, conversion_problems
 
     o = job.options
-    out = Outputs()
     notes: list[str] = []
-    report: dict[str, Any] = {
+    ex = _Export(job, tools, work, _new_report(job, tools, base_dir, info, arch, timings, notes), timings, notes)
+    merged = _merge_step(ex, plan)
+    fallback = _tokenizer_step(ex, merged)
+    gguf16 = _convert_step(ex, merged)
+    info16 = read_gguf(gguf16)
+    prompts, info16, refs = _reference_step(ex, base_dir, merged, gguf16, info16)
+    check = _checker(ex, prompts.ev, refs)
+    checks = [_verify_16bit(ex, gguf16, info16, check)]
+    for q in o.quants:
+        if q != o.outtype:
+            checks.append(_quantize_step(ex, gguf16, q, check))
+    mmproj = None
+    if info.multimodal:
+        mmproj = _export_mmproj(job, tools, merged, work, ex.out, arch, notes, ex.report)
+    lora_file = base_gguf = None
+    if o.lora_gguf:
+        lora_file, base_gguf, lora_check = _lora_step(ex, base_dir, fallback, check)
+        checks.append(lora_check)
+    report = ex.report
+    report["files"] = checks
+    report["tolerance"] = _tolerance()
+    # -- 8. Modelfile, README ---------------------------------------------------------------
+    main = work / f"{job.name}-{o.quants[0]}.gguf"  # the first type asked for
+    _write_modelfile_and_readme(job, work, main, ex.out, prompts.renderer, prompts.tok, prompts.end_tokens,
+                                info, tools, lora_file, base_gguf, report, mmproj)
+    if o.keep_intermediate:
+        ex.out.final.append(merged)
+        ex.out.final.extend(p for p in ex.out.intermediate if p not in ex.out.final)
+    report["outputs"] = [p.name for p in ex.out.final]
+    report["_final"] = [str(p) for p in ex.out.final]
+    return report
+
+
+def _new_report(job: ExportJob, tools, base_dir: Path, info: ModelInfo, arch: str, timings: dict[str, float],
+                notes: list[str]) -> dict[str, Any]:
+    o = job.options
+    return {
         "macft_version": __version__,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "llama_cpp": tools.info(),
@@ -233,46 +298,103 @@ def _run_steps(job: ExportJob, tools, base_dir: Path, info: ModelInfo, arch: str
         "timings": timings,
         "notes": notes,
     }
-    # -- 2. merge --------------------------------------------------------------------
+
+
+def _merge_step(ex: _Export, plan) -> Path:
+    """2. The adapter merged into its base, streaming the shards into ``merged/``."""
+    from .merge import merge
+
+    job = ex.job
     t0 = time.time()
-    merged = work / "merged"
+    merged = ex.work / "merged"
     total = sum(len(sf.tensors) for sf in plan.shards)
     with task_progress() as prog:
         task = prog.add_task("merging (streaming the shards)", total=total)
         res = merge(plan, merged, on_tensor=lambda _n: prog.advance(task))
-    timings["merge"] = round(time.time() - t0, 2)
+    ex.timings["merge"] = round(time.time() - t0, 2)
     base_used = res.base
     if job.recorded_quant is not None and job.merge_quant is None:
         base_used = (f"original weights as stored (training saw {job.recorded_quant.describe()}; "
                      "--merge-base original)")
-    report["merge"] = {"base_used": base_used, "tensors": res.tensors, "adapted": res.merged,
-                       "dequantized": res.dequantized, "bytes": res.bytes_written, "seconds": round(res.seconds, 2)}
+    ex.report["merge"] = {"base_used": base_used, "tensors": res.tensors, "adapted": res.merged,
+                         "dequantized": res.dequantized, "bytes": res.bytes_written,
+                         "seconds": round(res.seconds, 2)}
     _step(f"merged: {res.merged} adapted weights into {res.tensors} tensors ({base_used})", t0)
-    # -- 3. tokenizer files ---------------------------------------------------------------
-    fallback = run_chat_template(job.resolved)  # the template training used, when not the model's own
+    return merged
+
+
+def _tokenizer_step(ex: _Export, merged: Path) -> str | None:
+    """3. The merged model's tokenizer files fixed. Returns the chat template written into them
+    when the model's own is not the one training used (or it has none), else None; the base
+    model's view in step 7 gets the same."""
+    from macft.chat_session import run_chat_template
+    from macft.data.render import FALLBACK_TEMPLATE
+
+    from .tokenizer_fix import fix_tokenizer
+
+    fallback = run_chat_template(ex.job.resolved)  # the template training used, when not the model's own
     if fallback is None and not _has_chat_template(merged):
         fallback = FALLBACK_TEMPLATE
-    report["tokenizer_fixes"] = fix_tokenizer(merged, fallback, restore=o.restore_special_tokens)
-    # -- 4. convert ---------------------------------------------------------------------
+    ex.report["tokenizer_fixes"] = fix_tokenizer(merged, fallback, restore=ex.job.options.restore_special_tokens)
+    return fallback
+
+
+def _convert_step(ex: _Export, merged: Path) -> Path:
+    """4. The merged model as a 16-bit GGUF (``--outtype auto`` is decided here)."""
+    from .convert import convert_model
+    from .merge import choose_outtype
+
+    o = ex.job.options
     t0 = time.time()
     if o.outtype == "auto":
         o.outtype, why = choose_outtype(merged)
-        report["outtype"] = {"chosen": o.outtype, "why": why}
-    gguf16 = work / f"{job.name}-{o.outtype}.gguf"
+        ex.report["outtype"] = {"chosen": o.outtype, "why": why}
+    gguf16 = ex.work / f"{ex.job.name}-{o.outtype}.gguf"
     with _spinner(f"converting to a {o.outtype} GGUF (convert_hf_to_gguf.py)"):
-        convert_model(tools, merged, gguf16, o.outtype)
-    timings["convert"] = round(time.time() - t0, 2)
+        convert_model(ex.tools, merged, gguf16, o.outtype)
+    ex.timings["convert"] = round(time.time() - t0, 2)
     _step(f"converted: {gguf16.name} ({human_bytes(gguf16.stat().st_size)})", t0)
-    info16 = read_gguf(gguf16)
-    # -- 5. references ------------------------------------------------------------------
+    return gguf16
+
+
+def _reference_step(ex: _Export, base_dir: Path, merged: Path, gguf16: Path, info16) -> tuple[_Prompts, Any, dict]:
+    """5. The validation prompts and, unless --no-verify, the Hugging Face references the GGUF
+    files are checked against (and the merge check). Returns the prompts, the 16-bit GGUF's
+    info (reconverted when llama.cpp tokenized the prompts differently) and the references."""
+    o = ex.job.options
     t0 = time.time()
+    prompts = _prompts(ex.job, merged, ex.notes)
+    refs: dict = {}
+    if o.verify:
+        ev, tok = prompts.ev, prompts.tok
+        info16 = _reconcile_tokenization(ex.tools, merged, gguf16, o, ev, tok, info16, ex.report)
+        refs = _references(ex.job, base_dir, merged, ex.work, ev, info16, tok, ex.notes, ex.report)
+        ex.timings["reference"] = round(time.time() - t0, 2)
+        _step(f"reference: {len(ev.prompts)} prompts, {refs['merged'].kld.scored if refs['merged'].kld else 0} "
+              f"scored tokens from {prompts.source}", t0)
+    else:
+        ex.notes.append("verification skipped (--no-verify): the GGUF files were not compared with the "
+                       "Hugging Face model")
+        ex.report["merge"]["check"] = {}
+        ex.report["validation"] = {"source": None}
+    return prompts, info16, refs
+
+
+def _prompts(job: ExportJob, merged: Path, notes: list[str]) -> _Prompts:
+    """The prompts to check on: --prompts, else the run's validation data, else generic ones."""
+    from macft.data.render import Renderer
+    from macft.data.tokenizer import load_tokenizer
+
+    from .prompts import build_eval_set, file_samples, generic_samples, run_samples
+
+    o = job.options
     tok = load_tokenizer(str(merged))
     renderer = Renderer(tok, job.cfg.data.loss_on if job.cfg else "assistant")
-    end_tokens = list(job.resolved.get("end_tokens") or renderer.end_tokens())
+    end_tokens = list(job.resolved.end_tokens or renderer.end_tokens())
     if o.prompts_file:
         samples, source = file_samples(o.prompts_file), f"--prompts {o.prompts_file}"
     else:
-        samples, source, why = run_samples(job.cfg, job.resolved) if job.cfg else ([], "", [])
+        samples, source, why = run_samples(job.cfg, job.resolved.to_dict()) if job.cfg else ([], "", [])
         notes.extend(why)
         if not samples:
             samples, source = generic_samples(), "built-in generic prompts (no validation data)"
@@ -280,22 +402,17 @@ def _run_steps(job: ExportJob, tools, base_dir: Path, info: ModelInfo, arch: str
     ev = build_eval_set(renderer, samples, source, n_prompts=o.n_prompts, max_seq_len=max_len,
                         end_tokens=end_tokens)
     notes.extend(ev.notes)
-    refs: dict = {}
-    if o.verify:
-        info16 = _reconcile_tokenization(tools, merged, gguf16, o, ev, tok, info16, report)
-        refs = _references(job, base_dir, merged, work, ev, info16, tok, notes, report)
-        timings["reference"] = round(time.time() - t0, 2)
-        _step(f"reference: {len(ev.prompts)} prompts, {refs['merged'].kld.scored if refs['merged'].kld else 0} "
-              f"scored tokens from {source}", t0)
-    else:
-        notes.append("verification skipped (--no-verify): the GGUF files were not compared with the "
-                     "Hugging Face model")
-        report["merge"]["check"] = {}
-        report["validation"] = {"source": None}
-    # -- 6. verify 16-bit, quantize, verify ---------------------------------------------------
-    runner = LlamaRunner(tools, o.threads)
+    return _Prompts(tok, renderer, end_tokens, ev, source)
+
+
+def _checker(ex: _Export, ev, refs: dict) -> Callable[..., Any]:
+    """``check(path, kind, ref, **kw)``: a GGUF file run by llama.cpp and compared with the
+    reference ``refs[ref]``; with --no-verify only its name, kind and size."""
+    from .verify import GGUFCheck, LlamaRunner, check_gguf
+
+    o = ex.job.options
+    runner = LlamaRunner(ex.tools, o.threads)
     n_ctx = _gen_ctx(ev, o.max_new_tokens)
-    checks: list[dict] = []
 
     def check(path: Path, kind: str, ref: str, **kw) -> GGUFCheck:
         if not o.verify:
@@ -303,17 +420,27 @@ def _run_steps(job: ExportJob, tools, base_dir: Path, info: ModelInfo, arch: str
             return GGUFCheck(kw.get("label") or target.name, kind, target.stat().st_size)
         with _spinner(f"verifying {(kw.get('label') or path.name)} with llama.cpp"):
             return check_gguf(runner, path, kind, refs[ref], max_new=o.max_new_tokens, n_ctx=n_ctx,
-                              workdir=work, **kw)
+                              workdir=ex.work, **kw)
 
+    return check
+
+
+def _verify_16bit(ex: _Export, gguf16: Path, info16, check: Callable[..., Any]) -> dict:
+    """6. The 16-bit GGUF checked against the merged model. Beyond tolerance it is a conversion
+    bug (or llama.cpp tokenizing the prompts otherwise), not quantization noise: the export
+    fails. Returns the file's entry in the report."""
+    from .verify import conversion_problems
+
+    o = ex.job.options
     t0 = time.time()
     c16 = check(gguf16, o.outtype, "merged")
     problems = conversion_problems(c16)
     if problems and c16.tokenization_ok is False:
-        tried = report.get("tokenization_fix", {})
+        tried = ex.report.get("tokenization_fix", {})
         raise MacftError(
             "llama.cpp splits this model's chat prompts into other tokens than training did, so in "
             "llama.cpp the fine-tune would read inputs it never learned on. First differences:\n"
-            + "\n".join(f"  - {x}" for x in c16.tokenization_problems[:5])
+            + "\n".join(f"  - {d}" for d in c16.tokenization_problems[:5])
             + (f"\nmacft tried {tried['tried']}: {tried['result']}." if tried else ""),
             "The adapter is fine (`macft chat --run RUN` uses transformers' tokenizer). A different "
             "--chat-template (e.g. one without a BOS written into the text) usually avoids it; please "
@@ -324,63 +451,64 @@ def _run_steps(job: ExportJob, tools, base_dir: Path, info: ModelInfo, arch: str
             "This is a conversion bug, not quantization noise:\n" + "\n".join(f"  - {p}" for p in problems),
             "Re-run with --keep-intermediate and --debug and report it with export-report details; "
             "try --outtype f16, or --llama-cpp with another llama.cpp version.")
-    checks.append({**c16.to_dict(), "types": info16.type_counts(), "fallbacks": []})
-    (out.final if o.outtype in o.quants else out.intermediate).append(gguf16)
+    entry = {**c16.to_dict(), "types": info16.type_counts(), "fallbacks": []}
+    (ex.out.final if o.outtype in o.quants else ex.out.intermediate).append(gguf16)
     if o.verify:
         _step(f"verified {gguf16.name}: {_figures(c16)}", t0)
-    for q in o.quants:
-        if q == o.outtype:
-            continue
-        t0 = time.time()
-        dst = work / f"{job.name}-{q}.gguf"
-        with _spinner(f"quantizing to {q} (llama-quantize)"):
-            qres = quantize(tools, gguf16, dst, q, o.threads)
-        chk = check(dst, q, "merged")
-        checks.append({**chk.to_dict(), "types": read_gguf(dst).type_counts(), "fallbacks": qres.fallbacks})
-        out.final.append(dst)
-        timings[f"quantize+verify {q}"] = round(time.time() - t0, 2)
-        fb = f", {len(qres.fallbacks)} tensor(s) fell back" if qres.fallbacks else ""
-        _step(f"{dst.name}: {_figures(chk)}{fb}", t0)
-    # -- 6b. the vision projector of a multimodal model --------------------------------------
-    mmproj = None
-    if info.multimodal:
-        mmproj = _export_mmproj(job, tools, merged, work, out, arch, notes, report)
-    # -- 7. GGUF LoRA -----------------------------------------------------------------------
-    lora_file = base_gguf = None
-    if o.lora_gguf:
-        t0 = time.time()
-        view = _base_view(base_dir, work / "base", fallback, o.restore_special_tokens)
-        lora_file = work / f"{job.name}-lora-f16.gguf"
-        base_gguf = work / f"{_base_name(job.base)}-{o.outtype}.gguf"
-        with _spinner("converting the adapter to a GGUF LoRA (convert_lora_to_gguf.py)"):
-            convert_lora(tools, job.adapter_dir, view, lora_file)
-        with _spinner(f"converting the base model to {base_gguf.name} for checking the LoRA"):
-            convert_model(tools, view, base_gguf, o.outtype)
-        cl = check(base_gguf, "lora", "lora", lora=lora_file, label=lora_file.name)
-        problems = conversion_problems(cl)
-        if problems:
-            raise MacftError(
-                f"The GGUF LoRA on {base_gguf.name} disagrees with the base + adapter in Hugging Face "
-                "beyond tolerance:\n" + "\n".join(f"  - {p}" for p in problems),
-                "Re-run without --lora-gguf (the merged GGUF files are unaffected) and report it.")
-        checks.append({**cl.to_dict(), "types": read_gguf(lora_file).type_counts(), "fallbacks": [],
-                       "base_gguf": base_gguf.name})
-        out.final.append(lora_file)
-        out.intermediate.append(base_gguf)
-        timings["lora"] = round(time.time() - t0, 2)
-        _step(f"{lora_file.name} on {base_gguf.name}: {_figures(cl)}", t0)
-    report["files"] = checks
-    report["tolerance"] = _tolerance()
-    # -- 8. Modelfile, README ---------------------------------------------------------------
-    main = work / f"{job.name}-{o.quants[0]}.gguf"  # the first type asked for
-    _write_modelfile_and_readme(job, work, main, out, renderer, tok, end_tokens, info, tools,
-                                lora_file, base_gguf, report, mmproj)
-    if o.keep_intermediate:
-        out.final.append(merged)
-        out.final.extend(p for p in out.intermediate if p not in out.final)
-    report["outputs"] = [p.name for p in out.final]
-    report["_final"] = [str(p) for p in out.final]
-    return report
+    return entry
+
+
+def _quantize_step(ex: _Export, gguf16: Path, q: str, check: Callable[..., Any]) -> dict:
+    """6. One quantized type made from the 16-bit GGUF and checked against the merged model
+    (reported, not enforced). Returns the file's entry in the report."""
+    from .gguf_info import read_gguf
+    from .quantize import quantize
+
+    o = ex.job.options
+    t0 = time.time()
+    dst = ex.work / f"{ex.job.name}-{q}.gguf"
+    with _spinner(f"quantizing to {q} (llama-quantize)"):
+        qres = quantize(ex.tools, gguf16, dst, q, o.threads)
+    chk = check(dst, q, "merged")
+    entry = {**chk.to_dict(), "types": read_gguf(dst).type_counts(), "fallbacks": qres.fallbacks}
+    ex.out.final.append(dst)
+    ex.timings[f"quantize+verify {q}"] = round(time.time() - t0, 2)
+    fb = f", {len(qres.fallbacks)} tensor(s) fell back" if qres.fallbacks else ""
+    _step(f"{dst.name}: {_figures(chk)}{fb}", t0)
+    return entry
+
+
+def _lora_step(ex: _Export, base_dir: Path, fallback: str | None,
+               check: Callable[..., Any]) -> tuple[Path, Path, dict]:
+    """7. The adapter as a GGUF LoRA, checked on a GGUF of the base converted for the purpose
+    (kept with --keep-intermediate). Returns the LoRA file, that base GGUF and the report entry."""
+    from .convert import convert_lora, convert_model
+    from .gguf_info import read_gguf
+    from .verify import conversion_problems
+
+    job, o = ex.job, ex.job.options
+    t0 = time.time()
+    view = _base_view(base_dir, ex.work / "base", fallback, o.restore_special_tokens)
+    lora_file = ex.work / f"{job.name}-lora-f16.gguf"
+    base_gguf = ex.work / f"{_base_name(job.base)}-{o.outtype}.gguf"
+    with _spinner("converting the adapter to a GGUF LoRA (convert_lora_to_gguf.py)"):
+        convert_lora(ex.tools, job.adapter_dir, view, lora_file)
+    with _spinner(f"converting the base model to {base_gguf.name} for checking the LoRA"):
+        convert_model(ex.tools, view, base_gguf, o.outtype)
+    cl = check(base_gguf, "lora", "lora", lora=lora_file, label=lora_file.name)
+    problems = conversion_problems(cl)
+    if problems:
+        raise MacftError(
+            f"The GGUF LoRA on {base_gguf.name} disagrees with the base + adapter in Hugging Face "
+            "beyond tolerance:\n" + "\n".join(f"  - {p}" for p in problems),
+            "Re-run without --lora-gguf (the merged GGUF files are unaffected) and report it.")
+    entry = {**cl.to_dict(), "types": read_gguf(lora_file).type_counts(), "fallbacks": [],
+             "base_gguf": base_gguf.name}
+    ex.out.final.append(lora_file)
+    ex.out.intermediate.append(base_gguf)
+    ex.timings["lora"] = round(time.time() - t0, 2)
+    _step(f"{lora_file.name} on {base_gguf.name}: {_figures(cl)}", t0)
+    return lora_file, base_gguf, entry
 
 
 def _export_mmproj(job: ExportJob, tools, merged: Path, work: Path, out, arch: str, notes: list[str],
@@ -568,9 +696,11 @@ def _figures(c) -> str:
 
 
 def _adapter_modules(adapter_dir: Path) -> list[str]:
+    from macft.adapter import WEIGHTS_NAME
+
     from .safetensors_io import SafetensorsFile
 
-    sf = SafetensorsFile(adapter_dir / "adapter_model.safetensors")
+    sf = SafetensorsFile(adapter_dir / WEIGHTS_NAME)
     return sorted({k.split(".lora_A")[0] for k in sf.tensors if ".lora_A" in k})
 
 

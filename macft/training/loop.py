@@ -32,6 +32,16 @@ from typing import Protocol
 
 from ..data.batching import Batch, BatchPlan
 from ..errors import MacftError, os_error_message
+from ..run import (
+    ADAPTER,
+    BEST_ADAPTER,
+    CHECKPOINT_GLOB,
+    CHECKPOINTS,
+    TRAINER_STATE,
+    checkpoint_name,
+    latest_checkpoint,
+    replace_dir,
+)
 from .events import (
     CheckpointSaved,
     EvalReport,
@@ -40,11 +50,9 @@ from .events import (
     TrainingCallback,
     TrainStart,
 )
-from .rundir import replace_dir
 from .schedule import Schedule
 
 KEEP_CHECKPOINTS = 2
-STATE_FILE = "trainer_state.json"
 
 
 class Engine(Protocol):
@@ -129,14 +137,8 @@ class Position:
     window_seconds: float = 0.0
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ck = sorted((run_dir / "checkpoints").glob("step-*"))
-    ck = [c for c in ck if (c / STATE_FILE).is_file()]
-    return ck[-1] if ck else None
-
-
 def read_position(ckpt: Path) -> Position:
-    raw = json.loads((ckpt / STATE_FILE).read_text())
+    raw = json.loads((ckpt / TRAINER_STATE).read_text())
     known = {f.name for f in fields(Position)}
     return Position(**{k: v for k, v in raw.items() if k in known})
 
@@ -169,109 +171,150 @@ def train(
     callback: TrainingCallback,
     resume_from: Path | None = None,
 ) -> LoopResult:
-    main = engine.rank == 0
     pos = Position()
     if resume_from is not None:
         pos = read_position(resume_from)
         engine.load_state(resume_from)
-    trainable, total_params = engine.param_counts()
     per_epoch = plan.batches_per_epoch()
-    callback.on_start(TrainStart(
-        total_steps=settings.total_steps, start_step=pos.step,
-        steps_per_epoch=max(1, math.ceil(per_epoch / (settings.grad_accum * engine.world_size))),
-        examples=plan.n_task, backend=engine.name, device=engine.device,
-        trainable_params=trainable, total_params=total_params))
+    callback.on_start(_start_event(engine, plan, settings, pos, per_epoch))
 
     stream = _rank_stream(plan, pos, engine.rank, engine.world_size)
+    validation = _Validation(engine, valid, run_dir, callback)
     last_train_loss: float | None = None
-    last_val: float | None = None
     t_start = time.perf_counter()
     interrupted = False
     step_start = Position(**vars(pos))
-
-    def do_eval(step: int) -> None:
-        nonlocal last_val
-        if not valid:
-            return
-        t0 = time.perf_counter()
-        loss, n = evaluate(engine, valid)
-        last_val = loss
-        best = pos.best_val_loss is None or loss < pos.best_val_loss
-        if best:
-            pos.best_val_loss, pos.best_step = loss, step
-            if main:
-                _save_adapter_atomic(engine, run_dir / "best_adapter")
-        callback.on_eval(EvalReport(step, loss, n, best, time.perf_counter() - t0))
-
     try:
         if pos.step == 0 and valid:
-            do_eval(0)
+            validation.run(pos, 0)
         while pos.step < settings.total_steps:
             step = pos.step + 1
             step_start = Position(**vars(pos))
-            t0 = time.perf_counter()
-            loss_sum, n_tok = 0.0, 0
-            for micro in range(settings.grad_accum):
-                epoch, index, batch = next(stream)
-                s, k = engine.train_micro(batch)
-                loss_sum += s
-                n_tok += k
-                # position of the next global micro-batch after this process's one
-                pos.epoch, pos.index = _advance(plan, epoch, index, engine.world_size - engine.rank)
-                callback.on_micro(step, micro)
-            loss_sum, n_all = engine.all_sum([loss_sum, float(n_tok)])
-            n_all = int(n_all)
-            if n_all == 0:
-                engine.discard_gradients()
-                raise MacftError("An optimizer step had no trained token.",
-                                 "Check the data: every example needs a trained token.")
-            lr = settings.schedule.lr(step)
-            gnorm = engine.optimizer_step(lr, n_all, settings.max_grad_norm)
-            step_loss = loss_sum / n_all
-            if not math.isfinite(step_loss) or not math.isfinite(gnorm):
-                raise MacftError(
-                    f"The loss became {step_loss} at step {step} (gradient norm {gnorm}).",
-                    "Lower --learning-rate; avoid fp16 (use bf16 or fp32: --precision fp32).")
-            dt = time.perf_counter() - t0
-            pos.step = step
-            pos.trained_tokens += n_all
-            pos.train_seconds += dt
-            pos.window_loss += loss_sum
-            pos.window_tokens += n_all
-            pos.window_seconds += dt
+            lr, gnorm = _optimizer_step(engine, plan, stream, settings, pos, step, callback)
             if step % settings.log_every == 0 or step == settings.total_steps:
-                last_train_loss = pos.window_loss / pos.window_tokens
-                report = StepReport(
-                    step=step, epoch=_epoch_float(pos, per_epoch), loss=last_train_loss,
-                    learning_rate=lr, grad_norm=gnorm,
-                    tokens_per_sec=pos.window_tokens / pos.window_seconds if pos.window_seconds > 0 else 0.0,
-                    trained_tokens=pos.trained_tokens, peak_memory_gb=engine.peak_memory_gb(),
-                    elapsed_sec=time.perf_counter() - t_start)
-                # the window closes before the callbacks: a Ctrl-C inside them keeps this step
-                pos.window_loss, pos.window_tokens, pos.window_seconds = 0.0, 0, 0.0
+                report = _close_window(engine, pos, step, lr, gnorm, per_epoch, t_start)
+                last_train_loss = report.loss
+                # the window closed before the callbacks: a Ctrl-C inside them keeps this step
                 callback.on_step(report)
             if settings.eval_every and step % settings.eval_every == 0 and step != settings.total_steps:
-                do_eval(step)
+                validation.run(pos, step)
             if settings.save_every and step % settings.save_every == 0 and step != settings.total_steps:
                 _checkpoint(engine, run_dir, pos, callback, "cadence")
     except KeyboardInterrupt:
         interrupted = True
-        engine.discard_gradients()
-        if pos.step == step_start.step:
-            # the step in progress never reached the optimizer: resume at its first micro-batch
-            pos.epoch, pos.index = step_start.epoch, step_start.index
+        _drop_step_in_progress(engine, pos, step_start)
         _checkpoint(engine, run_dir, pos, callback, "interrupt")
     if not interrupted:
-        do_eval(pos.step)
-        if main:
-            _save_adapter_atomic(engine, run_dir / "adapter")
+        validation.run(pos, pos.step)
+        if engine.rank == 0:
+            _save_adapter_atomic(engine, run_dir / ADAPTER)
         _checkpoint(engine, run_dir, pos, callback, "final")
     seconds = time.perf_counter() - t_start
-    result = LoopResult(pos.step, interrupted, pos.best_val_loss, pos.best_step, last_val,
+    result = LoopResult(pos.step, interrupted, pos.best_val_loss, pos.best_step, validation.last_loss,
                         last_train_loss, pos.trained_tokens, seconds, engine.peak_memory_gb())
     callback.on_end(TrainEnd(pos.step, last_train_loss, pos.best_val_loss, pos.best_step,
                              interrupted, seconds, pos.trained_tokens, result.peak_memory_gb))
     return result
+
+
+def _start_event(engine: Engine, plan: BatchPlan, settings: LoopSettings, pos: Position,
+                 per_epoch: int) -> TrainStart:
+    trainable, total_params = engine.param_counts()
+    return TrainStart(
+        total_steps=settings.total_steps, start_step=pos.step,
+        steps_per_epoch=max(1, math.ceil(per_epoch / (settings.grad_accum * engine.world_size))),
+        examples=plan.n_task, backend=engine.name, device=engine.device,
+        trainable_params=trainable, total_params=total_params)
+
+
+def _optimizer_step(engine: Engine, plan: BatchPlan, stream: Iterator[tuple[int, int, Batch]],
+                    settings: LoopSettings, pos: Position, step: int, callback: TrainingCallback,
+                    ) -> tuple[float, float]:
+    """Optimizer step ``step``: its micro-batches, loss and token counts summed over the processes,
+    AdamW at the schedule's rate. ``pos`` moves past the step, whose loss, tokens and time
+    join the report window. Returns (learning rate, gradient norm)."""
+    t0 = time.perf_counter()
+    loss_sum, n_tok = _micro_batches(engine, plan, stream, settings.grad_accum, pos, step, callback)
+    loss_sum, n_all = engine.all_sum([loss_sum, float(n_tok)])
+    n_all = int(n_all)
+    if n_all == 0:
+        engine.discard_gradients()
+        raise MacftError("An optimizer step had no trained token.",
+                         "Check the data: every example needs a trained token.")
+    lr = settings.schedule.lr(step)
+    gnorm = engine.optimizer_step(lr, n_all, settings.max_grad_norm)
+    step_loss = loss_sum / n_all
+    if not math.isfinite(step_loss) or not math.isfinite(gnorm):
+        raise MacftError(
+            f"The loss became {step_loss} at step {step} (gradient norm {gnorm}).",
+            "Lower --learning-rate; avoid fp16 (use bf16 or fp32: --precision fp32).")
+    dt = time.perf_counter() - t0
+    pos.step = step
+    pos.trained_tokens += n_all
+    pos.train_seconds += dt
+    pos.window_loss += loss_sum
+    pos.window_tokens += n_all
+    pos.window_seconds += dt
+    return lr, gnorm
+
+
+def _micro_batches(engine: Engine, plan: BatchPlan, stream: Iterator[tuple[int, int, Batch]],
+                   grad_accum: int, pos: Position, step: int, callback: TrainingCallback) -> tuple[float, int]:
+    """Forward and backward on this process's ``grad_accum`` micro-batches of the step, ``pos``
+    following the data after each. Returns this process's (loss sum, trained tokens)."""
+    loss_sum, n_tok = 0.0, 0
+    for micro in range(grad_accum):
+        epoch, index, batch = next(stream)
+        s, k = engine.train_micro(batch)
+        loss_sum += s
+        n_tok += k
+        # position of the next global micro-batch after this process's one
+        pos.epoch, pos.index = _advance(plan, epoch, index, engine.world_size - engine.rank)
+        callback.on_micro(step, micro)
+    return loss_sum, n_tok
+
+
+def _close_window(engine: Engine, pos: Position, step: int, lr: float, gnorm: float, per_epoch: int,
+                  t_start: float) -> StepReport:
+    """The training-loss report over the steps since the last one; the window starts again."""
+    last_train_loss = pos.window_loss / pos.window_tokens
+    report = StepReport(
+        step=step, epoch=_epoch_float(pos, per_epoch), loss=last_train_loss,
+        learning_rate=lr, grad_norm=gnorm,
+        tokens_per_sec=pos.window_tokens / pos.window_seconds if pos.window_seconds > 0 else 0.0,
+        trained_tokens=pos.trained_tokens, peak_memory_gb=engine.peak_memory_gb(),
+        elapsed_sec=time.perf_counter() - t_start)
+    pos.window_loss, pos.window_tokens, pos.window_seconds = 0.0, 0, 0.0
+    return report
+
+
+class _Validation:
+    """Validation runs: the last loss, and the best adapter so far kept in ``best_adapter/``."""
+
+    def __init__(self, engine: Engine, valid: list[Batch], run_dir: Path, callback: TrainingCallback):
+        self.engine, self.valid, self.run_dir, self.callback = engine, valid, run_dir, callback
+        self.last_loss: float | None = None
+
+    def run(self, pos: Position, step: int) -> None:
+        if not self.valid:
+            return
+        t0 = time.perf_counter()
+        loss, n = evaluate(self.engine, self.valid)
+        self.last_loss = loss
+        best = pos.best_val_loss is None or loss < pos.best_val_loss
+        if best:
+            pos.best_val_loss, pos.best_step = loss, step
+            if self.engine.rank == 0:
+                _save_adapter_atomic(self.engine, self.run_dir / BEST_ADAPTER)
+        self.callback.on_eval(EvalReport(step, loss, n, best, time.perf_counter() - t0))
+
+
+def _drop_step_in_progress(engine: Engine, pos: Position, step_start: Position) -> None:
+    """After a Ctrl-C: the gradients of the step in progress go, and when that step never
+    reached the optimizer, ``pos`` goes back to its first micro-batch, where a resume starts."""
+    engine.discard_gradients()
+    if pos.step == step_start.step:
+        pos.epoch, pos.index = step_start.epoch, step_start.index
 
 
 def _advance(plan: BatchPlan, epoch: int, index: int, k: int) -> tuple[int, int]:
@@ -297,19 +340,19 @@ def _checkpoint(engine: Engine, run_dir: Path, pos: Position, callback: Training
                 reason: str) -> None:
     if engine.rank != 0:
         return
-    root = run_dir / "checkpoints"
-    dest = root / f"step-{pos.step:06d}"
-    tmp = root / f".step-{pos.step:06d}.tmp"
+    root = run_dir / CHECKPOINTS
+    dest = root / checkpoint_name(pos.step)
+    tmp = root / f".{dest.name}.tmp"
 
     def write(d: Path) -> None:
         engine.save_adapter(d)
         engine.save_state(d)
-        (d / STATE_FILE).write_text(json.dumps(vars(pos), indent=1))
+        (d / TRAINER_STATE).write_text(json.dumps(vars(pos), indent=1))
 
     _write_dir(tmp, write, f"writing the checkpoint of step {pos.step}", engine,
                previous=latest_checkpoint(run_dir), run_dir=run_dir)
     replace_dir(tmp, dest)
-    for old in sorted(root.glob("step-*"))[:-KEEP_CHECKPOINTS]:
+    for old in sorted(root.glob(CHECKPOINT_GLOB))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     callback.on_checkpoint(CheckpointSaved(pos.step, dest, reason))
 
