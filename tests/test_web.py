@@ -136,10 +136,16 @@ def notice(driver) -> str:
 
 
 def wait_for(fn, timeout: float, what: str, settle: float = 0.6):
-    """Poll ``fn`` until it returns a truthy value that stays the same for ``settle`` s."""
+    """Poll ``fn`` until it returns a truthy value that stays the same for ``settle`` s. An
+    element that the page re-rendered between finding and reading it counts as "not yet"."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     t0, last, since = time.time(), None, 0.0
     while time.time() - t0 < timeout:
-        v = fn()
+        try:
+            v = fn()
+        except StaleElementReferenceException:
+            v = None
         if v and v == last:
             if time.time() - since >= settle:
                 return v
