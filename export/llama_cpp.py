@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from macft.errors import MacftError, ToolError
+from macft.models import cache_root
 
 PIN_PACKAGE = "llama-cpp-python"
 PIN_VERSION = "0.3.36"
@@ -62,7 +63,6 @@ CMAKE_FLAGS = [
 CPU_SECONDS = {"cpu": 1200, "metal": 1000, "cuda": 7800}
 
 ENV_CHECKOUT = "MACFT_LLAMA_CPP"
-ENV_CACHE = "MACFT_CACHE_DIR"
 ENV_BACKEND = "MACFT_LLAMA_CPP_BACKEND"  # force cpu / cuda / metal for the pinned build
 BUILD_MARKER = "macft-build.json"
 
@@ -111,15 +111,6 @@ class LlamaCpp:
 
 
 # --------------------------------------------------------------------------- places
-
-
-def cache_root() -> Path:
-    env = os.environ.get(ENV_CACHE)
-    if env:
-        return Path(env).expanduser()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("macft"))
 
 
 def pin_dir() -> Path:

@@ -192,17 +192,15 @@ def remove_stale_work_dirs(output: Path) -> list[Path]:
 def _disk_full(e: BaseException, output: Path, need: int) -> MacftError | None:
     """The error for a disk that filled up during the export (ours or a llama.cpp tool's):
     where, how much the export needs and how much is free now, after the partial files went."""
-    import errno
+    from macft.errors import ToolError, is_disk_full
 
-    from macft.errors import ToolError
-
-    where = None
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-        where = e.filename
-    elif isinstance(e, ToolError) and "No space left on device" in e.output_tail:
-        where = next((Path(t).name for t in e.command.split() if "convert" in t or "llama-" in t), None)
-    else:
+    if not is_disk_full(e):
         return None
+    where = None
+    if isinstance(e, OSError):
+        where = e.filename
+    elif isinstance(e, ToolError):
+        where = next((Path(t).name for t in e.command.split() if "convert" in t or "llama-" in t), None)
     probe = output
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent

@@ -87,6 +87,28 @@ class ToolError(MacftError):
         super().__init__(f"This command failed:\n    {cmd}\nIts last output lines:\n{tail}", hint)
 
 
+def is_disk_full(e: BaseException, where: Path | None = None) -> bool:
+    """Whether ``e`` says the disk (or the user's quota) is full, in any of the ways libraries
+    report it: an OSError, safetensors' (Rust) error text, a tool's output (ToolError), or MLX's
+    bare "Unable to write" (counted as full when under 16 MiB is free at ``where``)."""
+    import errno
+    import shutil
+
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not isinstance(e, Exception):
+        return False
+    text = str(e)
+    if any(t in text for t in ("No space left", "StorageFull", "os error 28", "Disk quota")):
+        return True
+    if "Unable to write" in text and where is not None:
+        try:
+            return shutil.disk_usage(where).free < 16 * 2**20
+        except OSError:
+            return False
+    return False
+
+
 def os_error_message(e: OSError, doing: str | None = None) -> tuple[str, str]:
     """(message, fix) for an operating-system error, naming the file and, for a full disk,
     how much room is left."""

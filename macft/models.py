@@ -27,7 +27,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .errors import MacftError, os_error_message
+from .errors import MacftError, is_disk_full, os_error_message
 from .safetensors_header import BrokenFile, read_header
 
 # spiece.model: T5Tokenizer-style SentencePiece (rinna); *.txt: merges.txt of GPT-2 style BPE
@@ -260,7 +260,7 @@ def convert_pickled(src: Path, hub_id: str | None = None) -> Path:
             try:
                 save_file(tensors, str(tmp / name), metadata={"format": "pt"})
             except Exception as e:  # noqa: BLE001 - safetensors reports I/O errors as its own type
-                if "No space left" not in str(e):
+                if not is_disk_full(e):
                     raise
                 raise OSError(errno.ENOSPC, "No space left on device", str(tmp / name)) from None
             weight_map.update({k: name for k in tensors})

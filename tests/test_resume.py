@@ -334,18 +334,18 @@ def test_disk_full_is_recognised_in_each_library_s_words(tmp_path, monkeypatch):
     import shutil as sh
     from collections import namedtuple
 
-    from macft.training import loop
+    from macft.errors import is_disk_full
 
-    assert loop._disk_full(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
-    assert not loop._disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path)
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path)
     # safetensors (Rust)
-    assert loop._disk_full(Exception("Error while serializing: I/O error: No space left on device "
+    assert is_disk_full(Exception("Error while serializing: I/O error: No space left on device "
                                      "(os error 28)"), tmp_path)
     # MLX names no cause: full only when the disk nearly is
     mlx_error = RuntimeError("[write] Unable to write 334556 bytes to file.")
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(sh, "disk_usage", lambda p: usage(10**9, 10**9 - 4096, 4096))
-    assert loop._disk_full(mlx_error, tmp_path)
+    assert is_disk_full(mlx_error, tmp_path)
     monkeypatch.setattr(sh, "disk_usage", lambda p: usage(10**12, 0, 10**12))
-    assert not loop._disk_full(mlx_error, tmp_path)
-    assert not loop._disk_full(KeyboardInterrupt(), tmp_path)
+    assert not is_disk_full(mlx_error, tmp_path)
+    assert not is_disk_full(KeyboardInterrupt(), tmp_path)

@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import shutil
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..data.batching import Batch, BatchPlan
-from ..errors import MacftError, os_error_message
+from ..errors import MacftError, is_disk_full, os_error_message
 from ..run import (
     ADAPTER,
     BEST_ADAPTER,
@@ -369,30 +368,12 @@ def _write_dir(tmp: Path, write: Callable[[Path], None], doing: str, engine: Eng
     except BaseException as e:
         written = _dir_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-        if _disk_full(e, tmp.parent):
+        if is_disk_full(e, tmp.parent):
             raise _disk_full_error(tmp, doing, engine, written, previous, run_dir) from e
         if isinstance(e, OSError):
             msg, hint = os_error_message(e, doing)
             raise MacftError(msg, hint) from e
         raise
-
-
-def _disk_full(e: BaseException, where: Path) -> bool:
-    if isinstance(e, OSError):
-        return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    if not isinstance(e, Exception):
-        return False
-    # safetensors (Rust) reports the OS error in its own words
-    text = str(e)
-    if any(t in text for t in ("No space left", "StorageFull", "os error 28", "Disk quota")):
-        return True
-    # MLX only says "[write] Unable to write N bytes to file.": full if the disk nearly is
-    if "Unable to write" in text:
-        try:
-            return shutil.disk_usage(where).free < 16 * 2**20
-        except OSError:
-            return False
-    return False
 
 
 def _disk_full_error(tmp: Path, doing: str, engine: Engine, written: int, previous: Path | None,
