@@ -114,7 +114,6 @@ def test_mlx_packed_batch_gives_the_same_losses_as_unpacked(tiny_gemma, nya_dir)
     from macft.data.tokenizer import load_tokenizer
     from macft.mlx_backend.engine import token_losses
     from macft.mlx_backend.model import load
-    from macft.mlx_backend.packing import model_modules, packed_attention
 
     tok = load_tokenizer(str(tiny_gemma))
     data = build_data(str(nya_dir / "valid.jsonl"), None, Renderer(tok), max_seq_len=256, valid_fraction=0)
@@ -122,10 +121,9 @@ def test_mlx_packed_batch_gives_the_same_losses_as_unpacked(tiny_gemma, nya_dir)
     lm = load(tiny_gemma, mx.float32)
     padded = collate([[e] for e in exs], 0, False)
     packed = collate([exs[:3], exs[3:]], 0, True)
-    l1, n1 = token_losses(lm.model, mx.array(padded.input_ids), mx.array(padded.loss_mask))
-    with packed_attention(model_modules(lm.model), mx.array(packed.segment_ids[:, :-1])):
-        l2, n2 = token_losses(lm.model, mx.array(packed.input_ids), mx.array(packed.loss_mask))
-    l3, _ = token_losses(lm.model, mx.array(packed.input_ids), mx.array(packed.loss_mask))
+    l1, n1 = token_losses(lm, mx.array(padded.input_ids), mx.array(padded.loss_mask))
+    l2, n2 = token_losses(lm, mx.array(packed.input_ids), mx.array(packed.loss_mask), mx.array(packed.segment_ids))
+    l3, _ = token_losses(lm, mx.array(packed.input_ids), mx.array(packed.loss_mask))
     assert int(n1.item()) == int(n2.item())
     assert abs(l1.item() - l2.item()) < 1e-3 * abs(l1.item())
     assert abs(l1.item() - l3.item()) > 1e-2 * abs(l1.item())  # without the mask they would differ

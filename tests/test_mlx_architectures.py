@@ -265,6 +265,26 @@ def test_mlx_logits_match_transformers(layouts, layout):
     assert diff < 1e-4 * max(1.0, np.abs(ref).max()), (diff, np.abs(ref).max())
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_loss_split_gives_the_models_own_logits(layouts, layout):
+    """The training loss runs the backbone and the output layer apart (only trained positions
+    reach the output layer): on every published layout, in full precision and 4-bit, the
+    split reproduces the model's logits, so no layout falls back to full logits."""
+    import mlx.core as mx
+
+    from macft.mlx_backend.engine import loss_split
+    from macft.mlx_backend.model import load, quantize
+
+    lm = load(layouts(layout), mx.float32)
+    for bits in (None, 4):
+        if bits:
+            quantize(lm, bits)
+        split, note = loss_split(lm)
+        assert note is None, (layout, bits)
+        got = np.array(split.head(split.hidden(mx.array(IDS))).astype(mx.float32))
+        assert np.abs(got - mlx_logits(lm)).max() < 1e-5 * max(1.0, np.abs(got).max())
+
+
 @pytest.mark.parametrize("layout", ["rinna-gpt2", "pythia", "gemma3-4b", "llama-3.2"])
 def test_checkpoint_saved_by_transformers_5_loads_the_same(layouts, layout, tmp_path):
     """transformers 5's save_pretrained writes rope_parameters / layer_types (which mlx-lm's
@@ -534,5 +554,9 @@ def test_shared_published_layouts_match_transformers(layout_id, tmp_path):
     info = read_model_info(path)
     assert MLXBackend().check(cfg, info) == []
     ref = hf_logits(hf_model(path))
-    got = mlx_logits(load(path, mx.float32, info))
+    lm = load(path, mx.float32, info)
+    got = mlx_logits(lm)
     assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
+    from macft.mlx_backend.engine import loss_split
+
+    assert loss_split(lm)[1] is None  # the chunked loss applies

@@ -22,7 +22,6 @@ def test_initial_loss_equal_in_mlx_and_torch(tiny_gemma, nya_dir, packing):
     from macft.data.tokenizer import load_tokenizer
     from macft.mlx_backend.engine import token_losses
     from macft.mlx_backend.model import add_lora, load
-    from macft.mlx_backend.packing import model_modules, packed_attention
 
     tok = load_tokenizer(str(tiny_gemma))
     data = build_data(str(nya_dir), None, Renderer(tok), max_seq_len=512)
@@ -35,11 +34,7 @@ def test_initial_loss_equal_in_mlx_and_torch(tiny_gemma, nya_dir, packing):
     add_lora(lm, 16, 32.0, 0.0, ["all-linear"], -1)  # B = 0: the base model
     lm.model.eval()
     ids, mask = mx.array(batch.input_ids), mx.array(batch.loss_mask)
-    if packing:
-        with packed_attention(model_modules(lm.model), mx.array(batch.segment_ids[:, :-1])):
-            s, n = token_losses(lm.model, ids, mask)
-    else:
-        s, n = token_losses(lm.model, ids, mask)
+    s, n = token_losses(lm, ids, mask, mx.array(batch.segment_ids) if packing else None)
     mlx_loss = s.item() / n.item()
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_gemma), dtype=torch.float32)

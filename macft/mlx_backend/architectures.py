@@ -80,6 +80,10 @@ class Arch:
     lm_head: str = "lm_head.weight"  # after renames; dropped when the embeddings are tied
     patch: Callable[[nn.Module, ModelInfo], None] | None = None
     fan_in_fan_out: bool = False  # HF stores the projections [in, out] (GPT-2's Conv1D)
+    # the loss's split (macft.mlx_backend.loss): the module whose call gives the final hidden
+    # states, and the output layer's possible paths, first present wins (an embedding: tied)
+    backbone: str = "model"
+    heads: tuple[str, ...] = ("lm_head", "model.embed_tokens")
 
     @property
     def description(self) -> str:
@@ -402,7 +406,8 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
          renames=(("model.language_model.", "language_model.model."), ("model.vision_tower.", "vision_tower."),
                   ("model.multi_modal_projector.", "multi_modal_projector."),
                   ("lm_head.", "language_model.lm_head.")),
-         lm_head="language_model.lm_head.weight", patch=_patch_gemma3),
+         lm_head="language_model.lm_head.weight", patch=_patch_gemma3, backbone="language_model.model",
+         heads=("language_model.lm_head", "language_model.model.embed_tokens")),
     Arch("gemma", "gemma", _gemma_args, patch=_gated_activation("hidden_act")),
     Arch("llama", "llama", _llama_args),
     Arch("mistral", "llama", _llama_args),
@@ -413,12 +418,12 @@ ARCHITECTURES: dict[str, Arch] = {a.model_type: a for a in (
          names=ModuleNames((("model.h.", "gpt_neox.layers."), ("model.embed_out.", "lm_head."),
                             ("model.", "gpt_neox."))),
          renames=(("lm_head.", "embed_out."),), drop_suffixes=("rotary_emb.inv_freq", ".attention.bias", ".attention.masked_bias"),
-         lm_head="embed_out.weight", patch=_patch_gpt_neox),
+         lm_head="embed_out.weight", patch=_patch_gpt_neox, heads=("model.embed_out",)),
     # openai-community/gpt2 has no prefix, rinna/japanese-gpt2-* have `transformer.`; mlx-lm's
     # sanitize transposes the Conv1D weights [in, out] -> [out, in] only for unprefixed names.
     Arch("gpt2", "gpt2", _gpt2_args, blocks="model.h", names=ModuleNames((("model.", "transformer."),)),
          renames=(("transformer.", ""),), drop_suffixes=(".attn.bias", ".attn.masked_bias"),
-         patch=_patch_gpt2, fan_in_fan_out=True),
+         patch=_patch_gpt2, fan_in_fan_out=True, heads=("model.wte",)),
 )}
 
 

@@ -25,6 +25,18 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from ..adapter import AdapterSpec, read_peft_adapter, write_peft_adapter
 from ..data.batching import Batch
 from ..errors import MacftError
+from .loss import (
+    Split,
+    ce_kl_with_grad,
+    ce_sum,
+    ce_sum_with_grad,
+    chunk_rows,
+    full_logits_split,
+    gather,
+    gather_plan,
+    split_agrees,
+    split_model,
+)
 from .model import LoadedModel, count_params, lora_weights
 from .packing import model_modules, packed_attention
 
@@ -32,25 +44,27 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.json"
 
 
-def token_losses(model: nn.Module, ids: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
-    """Summed cross-entropy over the target tokens, and their count (fp32)."""
-    ce, n, _ = _ce(model(ids[:, :-1]), ids, mask)
-    return ce, n
+def loss_split(lm: LoadedModel) -> tuple[Split, str | None]:
+    """The model as backbone + output layer for the chunked loss, checked against the model's
+    own logits; (full-logits fallback, a note saying so) where they differ."""
+    split = split_model(lm.model, lm.arch.backbone, lm.arch.heads)
+    if split is not None and split_agrees(lm.model, split, lm.info.vocab_size):
+        return split, None
+    return full_logits_split(lm.model), ("the loss computes full-vocabulary logits (this architecture's "
+                                         "output layer could not be separated): more memory")
 
 
-def _ce(logits: mx.array, ids: mx.array, mask: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    m = mask[:, 1:]
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), ids[:, 1:]) * m
-    return ce.sum(), m.sum(), logits
-
-
-def kl_to_base(logits: mx.array, base_logits: mx.array, real: mx.array, temperature: float) -> mx.array:
-    """Summed KL(fine-tuned || base) over the real (non-padding) positions, times T^2."""
-    t = temperature
-    lp = nn.log_softmax(logits.astype(mx.float32) / t, axis=-1)
-    lq = nn.log_softmax(base_logits.astype(mx.float32) / t, axis=-1)
-    kl = (mx.exp(lp) * (lp - lq)).sum(axis=-1)
-    return (kl * real).sum() * (t * t)
+def token_losses(lm: LoadedModel, ids: mx.array, mask: mx.array, segments: mx.array | None = None,
+                 split: Split | None = None) -> tuple[mx.array, mx.array]:
+    """Summed cross-entropy over the target tokens, and their count (fp32): the loss the
+    engine trains with (chunked, trained positions only), without gradient. ``segments``
+    ([B, T] ids of a packed batch): attention stays within each example."""
+    split = split or loss_split(lm)[0]
+    plan = {k: mx.array(v) for k, v in gather_plan(np.array(mask), None, every_real=False).items()}
+    packed = packed_attention(model_modules(lm.model), segments[:, :-1]) if segments is not None else _nullcontext()
+    with packed:
+        h, t = gather(split.hidden(ids[:, :-1]), ids, plan["idx"])
+    return ce_sum(split.head, h, t, plan["w_ce"], chunk_rows(lm.info.vocab_size)), mask[:, 1:].sum()
 
 
 class MLXEngine:
@@ -77,6 +91,8 @@ class MLXEngine:
         self.distill_weight = distill_weight
         self.distill_temperature = distill_temperature
         self._lora_layers = [self._module(n) for n in lm.lora_modules]
+        self.split, self.split_note = loss_split(lm)
+        self._rows = chunk_rows(lm.info.vocab_size)
         self.last_kl: float | None = None  # mean KL per real token of the last micro-batch
         self.optimizer = optim.AdamW(learning_rate=0.0, betas=[0.9, 0.999], eps=1e-8,
                                      weight_decay=weight_decay, bias_correction=True)
@@ -88,37 +104,40 @@ class MLXEngine:
         state = [self.model.state, mx.random.state]
 
         @partial(mx.compile, inputs=state, outputs=state)
-        def grad_step(ids: mx.array, mask: mx.array, seg: mx.array) -> Any:
-            (_, ce, n, kl), grads = loss_and_grad(self.model, ids, mask, seg)
+        def grad_step(ids: mx.array, seg: mx.array, idx: mx.array, w_ce: mx.array, w_kl: mx.array) -> Any:
+            (_, ce, n, kl), grads = loss_and_grad(self.model, ids, seg, idx, w_ce, w_kl)
             return ce, n, kl, grads
 
         @partial(mx.compile, inputs=state, outputs=state)
-        def eval_step(ids: mx.array, mask: mx.array, seg: mx.array) -> Any:
-            _, ce, n, _ = self._loss(self.model, ids, mask, seg, distill=False)
+        def eval_step(ids: mx.array, seg: mx.array, idx: mx.array, w_ce: mx.array, w_kl: mx.array) -> Any:
+            _, ce, n, _ = self._loss(self.model, ids, seg, idx, w_ce, w_kl, train=False)
             return ce, n
 
         self._grad_step = grad_step
         self._eval_step = eval_step
         mx.reset_peak_memory()
 
-    def _loss(self, model: nn.Module, ids: mx.array, mask: mx.array, seg: mx.array,
-              distill: bool = True) -> Any:
-        """(objective, CE sum, trained tokens, KL sum). The objective is the CE sum plus, with
+    def _loss(self, model: nn.Module, ids: mx.array, seg: mx.array, idx: mx.array, w_ce: mx.array,
+              w_kl: mx.array, train: bool = True) -> Any:
+        """(objective, CE sum, trained tokens, KL sum) over the gathered rows ``idx`` of the
+        ``[B, T-1]`` positions (see :mod:`.loss`). The objective is the CE sum plus, with
         distillation, weight x mean-KL-per-real-token x trained tokens, so that after the
         loop's 1/tokens scaling it is CE mean + weight x KL mean."""
+        distill = train and self.distill_weight > 0
+        n = w_ce.sum()
         with packed_attention(self._mask_modules, seg[:, :-1]) if self.packing else _nullcontext():
-            ce, n, logits = _ce(model(ids[:, :-1]), ids, mask)
-            if not (distill and self.distill_weight > 0):
+            h, t = gather(self.split.hidden(ids[:, :-1]), ids, idx)
+            if not distill:
+                ce = (ce_sum_with_grad if train else ce_sum)(self.split.head, h, t, w_ce, self._rows)
                 return ce, ce, n, mx.array(0.0)
             scales = [m.scale for m in self._lora_layers]
             for m in self._lora_layers:  # the base model: same weights, adapters off
                 m.scale = 0.0
-            base = mx.stop_gradient(model(ids[:, :-1]))
+            hb, _ = gather(mx.stop_gradient(self.split.hidden(ids[:, :-1])), ids, idx)
             for m, sc in zip(self._lora_layers, scales):
                 m.scale = sc
-        real = (seg[:, 1:] > 0).astype(mx.float32)
-        kl = kl_to_base(logits, base, real, self.distill_temperature)
-        n_real = mx.maximum(real.sum(), 1.0)
+        ce, kl = ce_kl_with_grad(self.split.head, h, hb, t, w_ce, w_kl, self.distill_temperature, self._rows)
+        n_real = mx.maximum(w_kl.sum(), 1.0)
         objective = ce + self.distill_weight * kl * (n / n_real)
         return objective, ce, n, kl
 
@@ -128,9 +147,11 @@ class MLXEngine:
             mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
         return mod
 
-    @staticmethod
-    def _arrays(batch: Batch) -> tuple[mx.array, mx.array, mx.array]:
-        return mx.array(batch.input_ids), mx.array(batch.loss_mask), mx.array(batch.segment_ids)
+    def _arrays(self, batch: Batch, train: bool) -> tuple[mx.array, ...]:
+        """The step's inputs: ids, segments, and the rows that reach the output layer."""
+        plan = gather_plan(batch.loss_mask, batch.segment_ids, every_real=train and self.distill_weight > 0)
+        return (mx.array(batch.input_ids), mx.array(batch.segment_ids),
+                mx.array(plan["idx"]), mx.array(plan["w_ce"]), mx.array(plan["w_kl"]))
 
     # -- Engine protocol -------------------------------------------------------------
 
@@ -138,7 +159,7 @@ class MLXEngine:
         self.model.train()
         mx.random.seed(self.seed * 1_000_003 + self.micro_count)
         self.micro_count += 1
-        loss, n, kl, grads = self._grad_step(*self._arrays(batch))
+        loss, n, kl, grads = self._grad_step(*self._arrays(batch, True))
         self._acc = grads if self._acc is None else tree_map(mx.add, self._acc, grads)
         mx.eval(loss, n, kl, self._acc)
         if self.distill_weight > 0:
@@ -185,7 +206,7 @@ class MLXEngine:
 
     def eval_batch(self, batch: Batch) -> tuple[float, int]:
         self.model.eval()
-        loss, n = self._eval_step(*self._arrays(batch))
+        loss, n = self._eval_step(*self._arrays(batch, False))
         mx.eval(loss, n)
         return float(loss.item()), int(n.item())
 

@@ -15,7 +15,8 @@ from ..adapter import read_peft_adapter
 from ..errors import MacftError
 from ..inference import Generation, IncrementalText, Sampling, stop_ids
 from .device import on_metal
-from .engine import _ce, kl_to_base
+from .engine import loss_split, token_losses
+from .loss import chunk_rows, gather, gather_plan, kl_sum
 from .model import LoadedModel, load, mx_dtype
 
 
@@ -86,6 +87,7 @@ class MLXChatModel:
         self.stop = stop_ids(self.tokenizer, end_tokens)
         self.description = f"{model_path} + {adapter_dir} (MLX)" if adapter_dir else f"{model_path} (MLX)"
         self.last: Generation | None = None
+        self._loss_split: Any = None  # made on first use (scoring only)
 
     @contextmanager
     def adapters(self, enabled: bool) -> Iterator[None]:
@@ -124,11 +126,13 @@ class MLXChatModel:
 
     # -- scoring ----------------------------------------------------------------------
 
-    def _logits(self, batch: Any) -> mx.array:
-        return self.lm.model(mx.array(batch.input_ids)[:, :-1])
+    def _split(self) -> Any:
+        if self._loss_split is None:
+            self._loss_split = loss_split(self.lm)[0]
+        return self._loss_split
 
     def loss(self, batch: Any) -> tuple[float, int]:
-        s, n, _ = _ce(self._logits(batch), mx.array(batch.input_ids), mx.array(batch.loss_mask))
+        s, n = token_losses(self.lm, mx.array(batch.input_ids), mx.array(batch.loss_mask), split=self._split())
         return float(s.item()), int(n.item())
 
     def base_loss(self, batch: Any) -> tuple[float, int]:
@@ -136,12 +140,14 @@ class MLXChatModel:
             return self.loss(batch)
 
     def kl_to_base(self, batch: Any) -> tuple[float, int]:
-        logits = self._logits(batch)
+        split = self._split()
+        plan = {k: mx.array(v) for k, v in gather_plan(batch.loss_mask, batch.segment_ids, every_real=True).items()}
+        ids = mx.array(batch.input_ids)
+        h, _ = gather(split.hidden(ids[:, :-1]), ids, plan["idx"])
         with self.adapters(False):
-            base = self._logits(batch)
-        real = mx.array((batch.segment_ids[:, 1:] > 0).astype("float32"))
-        kl = kl_to_base(logits, base, real, 1.0)
-        return float(kl.item()), int(real.sum().item())
+            hb, _ = gather(split.hidden(ids[:, :-1]), ids, plan["idx"])
+        kl = kl_sum(split.head, h, hb, plan["w_kl"], 1.0, chunk_rows(self.lm.info.vocab_size))
+        return float(kl.item()), int(plan["w_kl"].sum().item())
 
     def close(self) -> None:
         pass

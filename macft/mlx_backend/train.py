@@ -105,6 +105,9 @@ def run_training(backend: Any, job: Any, callback: Any) -> LoopResult:
                        grad_checkpoint=cfg.train.grad_checkpoint,
                        distill_weight=cfg.train.distill_weight,
                        distill_temperature=cfg.train.distill_temperature)
+    if engine.split_note:
+        job.notes.append(engine.split_note)
+        console.print(f"  {engine.split_note}")
     try:
         if job.resume_from is None:
             probe_memory(engine, job.plan, budget)
