@@ -9,9 +9,12 @@ one batch and are usable on their own (cross-backend parity checks).
 - Packed batches: ``position_ids`` restart at each example and there is no
   attention mask; with ``use_cache=False`` transformers reads the restarts as
   sequence boundaries and keeps examples from attending to each other.
-- Logits are computed only at positions where some row has a target
-  (``logits_to_keep``): on assistant-only data most positions carry no loss, and
-  the logits are the largest activation of a small model with a big vocabulary.
+- No full-vocabulary logits: the backbone's final hidden states are gathered at the
+  positions that carry a target (LwF: every real position), and :mod:`cuda_backend.loss`
+  computes the loss and its gradient from them and the output head in chunks (the logits
+  are the largest activation of a small model with a big vocabulary: Gemma-3 has 262,144
+  tokens). Where :func:`output_head` cannot vouch that the model's logits are exactly
+  head(hidden states), the model's own logits are used, at the positions some row trains.
 
 Randomness: LoRA dropout is reseeded before every micro-batch from (seed, step,
 global micro-batch index). Resuming therefore replays the same dropout masks, and
@@ -31,6 +34,8 @@ import os
 import random
 import resource
 import sys
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,32 +71,130 @@ def batch_inputs(batch: Batch, device: Any) -> dict[str, Any]:
     return inputs
 
 
+def _hf_model(model: Any) -> Any:
+    """The transformers model inside a peft model (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# transformers model -> whether its logits are head(backbone hidden states), checked once
+_HEAD_VERIFIED: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+CHECK_TOKENS = 8  # length of the input the one-time check runs
+
+
+def output_head(model: Any, inputs: dict[str, Any]) -> tuple[Any, Any] | None:
+    """``(backbone, Head)`` when this model's logits are the head applied to the backbone's
+    ``last_hidden_state``; None when the losses must come from the model's own logits.
+
+    Every supported CausalLM (Gemma 1/3, Gemma3ForConditionalGeneration, Llama, Qwen2/3,
+    GPT-NeoX, GPT-2) runs ``getattr(self, self.base_model_prefix)`` and then ``lm_head``,
+    with the final logit soft-capping where ``self.config`` sets it (Gemma3ForCausalLM; the
+    multimodal class ignores its text config's). An architecture could do more (a logit
+    scale, a LoRA on the head): the first call per model compares the two on a short input
+    (:func:`_head_matches`) and remembers the answer.
+    """
+    import torch
+
+    base = _hf_model(model)
+    backbone = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    lm_head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    # exactly nn.Linear: not a peft wrapper, not a quantized bitsandbytes subclass
+    if backbone is None or backbone is base or type(lm_head) is not torch.nn.Linear:
+        return None
+    if torch.is_grad_enabled() and any(p.requires_grad for p in lm_head.parameters()):
+        return None  # a trained head: head_losses has no gradient for it
+    from .loss import Head
+
+    head = Head(lm_head.weight, lm_head.bias, getattr(base.config, "final_logit_softcapping", None))
+    verified = _HEAD_VERIFIED.get(base)
+    if verified is None:
+        verified = _HEAD_VERIFIED[base] = _head_matches(model, backbone, head,
+                                                        inputs["input_ids"][:1, :CHECK_TOKENS])
+        if not verified:
+            from macft.ui import warn
+
+            warn(f"{type(base).__name__}'s logits are not its output layer applied to its last hidden "
+                 "states: computing the loss from its full logits (more memory with a large vocabulary).")
+    return (backbone, head) if verified else None
+
+
+def _head_matches(model: Any, backbone: Any, head: Any, ids: Any) -> bool:
+    """Whether backbone + head gives the model's own logits on ``ids`` (eval mode, so dropout
+    draws nothing; within the matmul dtype's rounding)."""
+    import torch
+
+    from .loss import compute_dtype, head_logits
+
+    dtype = compute_dtype(head.weight)
+    with torch.no_grad(), _eval_mode(_hf_model(model)):
+        ref = model(input_ids=ids, use_cache=False).logits.float()
+        hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
+        ours = head_logits(hidden.reshape(-1, hidden.shape[-1]), head, dtype).reshape(ref.shape)
+    tol = 8 * _matmul_eps(dtype)
+    return bool(torch.allclose(ours, ref, rtol=tol, atol=tol * float(ref.abs().max())))
+
+
+def _matmul_eps(dtype: Any) -> float:
+    """The relative rounding of a matmul in ``dtype`` here (fp32 matmuls may run as TF32)."""
+    import torch
+
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return 2.0 ** -10
+    return float(torch.finfo(dtype).eps)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: Any) -> Iterator[None]:
+    """``module`` in eval mode inside, every submodule's own mode restored after."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def _accepts_logits_to_keep(model: Any) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return "logits_to_keep" in inspect.signature(_hf_model(model).forward).parameters
 
 
 def token_losses(model: Any, batch: Batch, device: Any) -> Any:
     """Per-token loss ``[B, T-1]`` (fp32): entry ``t`` is the cross-entropy of predicting
     ``input_ids[:, t+1]``, times ``loss_mask[:, t+1]`` (0 where nothing is trained)."""
     import torch
-    import torch.nn.functional as F
+
+    from .loss import head_losses
 
     inputs = batch_inputs(batch, device)
-    ids = inputs["input_ids"]
     w = torch.from_numpy(batch.loss_mask[:, 1:]).to(device)
-    b, t1 = w.shape
-    out_full = torch.zeros(b, t1, dtype=torch.float32, device=device)
+    out = torch.zeros(w.shape, dtype=torch.float32, device=device)
+    rows, cols = torch.nonzero(w, as_tuple=True)  # the trained positions
+    if rows.numel() == 0:
+        return out
+    found = output_head(model, inputs)
+    if found is None:
+        return _token_losses_from_logits(model, inputs, w)
+    backbone, head = found
+    hidden = backbone(**inputs).last_hidden_state[:, :-1][rows, cols]  # [N, H]
+    ce, _ = head_losses(hidden, head, inputs["input_ids"][:, 1:][rows, cols], w[rows, cols])
+    return out.index_put((rows, cols), ce)
+
+
+def _token_losses_from_logits(model: Any, inputs: dict[str, Any], w: Any) -> Any:
+    """:func:`token_losses` through the model's own logits (``[B, K, V]`` at the ``K``
+    positions where some row has a target): for heads :func:`output_head` does not vouch for."""
+    import torch
+    import torch.nn.functional as F
+
+    out = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
     keep = torch.nonzero(w.sum(0) > 0).squeeze(1)  # positions whose next token is a target
-    if keep.numel() == 0:
-        return out_full
     if _accepts_logits_to_keep(model):
         logits = model(**inputs, logits_to_keep=keep).logits
     else:
         logits = model(**inputs).logits[:, :-1].index_select(1, keep)
-    targets = ids[:, 1:].index_select(1, keep)
+    targets = inputs["input_ids"][:, 1:].index_select(1, keep)
     ce = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # [B, K]
-    return out_full.index_copy(1, keep, ce * w.index_select(1, keep))
+    return out.index_copy(1, keep, ce * w.index_select(1, keep))
 
 
 def batch_loss(model: Any, batch: Batch, device: Any) -> tuple[Any, int]:
@@ -103,25 +206,44 @@ def distill_loss(model: Any, batch: Batch, device: Any, temperature: float) -> t
     """LwF: (CE sum, KL sum, real-token count, trained tokens) for a peft model.
 
     KL(fine-tuned || base) over every real (non-padding) position, times T^2. The base
-    logits come from the same model under ``disable_adapter()`` without gradients: no
-    second copy of the model in memory, one extra forward pass.
+    hidden states come from the same model under ``disable_adapter()`` without gradients:
+    no second copy of the model in memory, one extra forward pass.
     """
+    import torch
+
+    from .loss import head_losses
+
+    inputs = batch_inputs(batch, device)
+    w = torch.from_numpy(batch.loss_mask[:, 1:]).to(device)
+    real = torch.from_numpy((batch.segment_ids[:, 1:] > 0).astype(np.float32)).to(device)
+    found = output_head(model, inputs)
+    if found is None:
+        ce, kl = _distill_from_logits(model, inputs, w, real, temperature)
+        return ce, kl, real.sum(), batch.n_trained
+    backbone, head = found
+    rows, cols = torch.nonzero((real > 0) | (w > 0), as_tuple=True)
+    with torch.no_grad(), model.disable_adapter():  # first, as before: the same dropout draws
+        base = backbone(**inputs).last_hidden_state[:, :-1][rows, cols]
+    hidden = backbone(**inputs).last_hidden_state[:, :-1][rows, cols]
+    ce, kl = head_losses(hidden, head, inputs["input_ids"][:, 1:][rows, cols], w[rows, cols],
+                         base, real[rows, cols], temperature)
+    return ce.sum(), kl.sum(), real.sum(), batch.n_trained
+
+
+def _distill_from_logits(model: Any, inputs: dict[str, Any], w: Any, real: Any, t: float) -> tuple[Any, Any]:
+    """(CE sum, KL sum) of :func:`distill_loss` through the model's full ``[B, T, V]`` logits."""
     import torch
     import torch.nn.functional as F
 
-    inputs = batch_inputs(batch, device)
     ids = inputs["input_ids"]
     with torch.no_grad(), model.disable_adapter():
         base = model(**inputs).logits[:, :-1].float()
     logits = model(**inputs).logits[:, :-1].float()
-    w = torch.from_numpy(batch.loss_mask[:, 1:]).to(device)
     ce = (F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none") * w).sum()
-    real = torch.from_numpy((batch.segment_ids[:, 1:] > 0).astype(np.float32)).to(device)
-    t = temperature
     lp = F.log_softmax(logits / t, dim=-1)
     lq = F.log_softmax(base / t, dim=-1)
     kl = ((lp.exp() * (lp - lq)).sum(-1) * real).sum() * (t * t)
-    return ce, kl, real.sum(), batch.n_trained
+    return ce, kl
 
 
 # --------------------------------------------------------------------------- engine

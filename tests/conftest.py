@@ -42,6 +42,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread (conftest may preload OpenBLAS for MLX) and no denormals (random-init
+    models make many; they are 10-100x slower on x86)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def nya_dir() -> Path:
     return NYA

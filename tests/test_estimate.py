@@ -83,11 +83,30 @@ def test_quantization_checkpointing_and_batch_move_the_parts_the_right_way():
     assert q4.parts["weights"] < 0.35 * base.parts["weights"]
     assert ck.parts["activations"] < 0.3 * base.parts["activations"]
     assert small.parts["activations"] * 4 == pytest.approx(base.parts["activations"], rel=1e-6)
-    # bf16 1B weights are 2 GB; the PyTorch engine computes logits at trained positions only
     assert 1.9 * GB < base.parts["weights"] < 2.1 * GB
-    gpu = Target("cuda", "gpu", 2, int(12 * GB), "test")
-    few = estimate(shape, gpu, Setting(batch=4, seq_len=1024, logit_positions=100))
-    assert few.parts["logits"] < 0.2 * estimate(shape, gpu, Setting(batch=4, seq_len=1024)).parts["logits"]
+
+
+@pytest.mark.parametrize("backend,device", [("mlx", "metal"), ("cuda", "gpu")])
+def test_the_logits_part_is_bounded_by_the_chunk_not_the_vocabulary(backend, device):
+    """Both engines run the output layer over trained tokens only, in chunks: at Gemma-3's
+    262k vocabulary the logits part of a 4 x 1024 batch is a few chunks plus the gathered
+    hidden states, not 4096 x 262144 fp32 values (4.3 GB per copy)."""
+    from macft.sizing.memory import COEFFICIENTS
+    from macft.training.chunking import chunk_rows
+
+    shape = shape_from_config(GEMMA3_1B)
+    t = Target(backend, device, 2, int(16 * GB), "test")
+    full = estimate(shape, t, Setting(batch=4, seq_len=1024)).parts["logits"]
+    assert full < 0.25 * 4096 * shape.vocab * 4
+    few = estimate(shape, t, Setting(batch=4, seq_len=1024, trained_tokens=100)).parts["logits"]
+    assert few < full and few >= 100 * shape.vocab * 4  # 100 rows: one partial chunk
+    # the chunk, not the batch, bounds it: twice the tokens add only their hidden states
+    double = estimate(shape, t, Setting(batch=8, seq_len=1024)).parts["logits"]
+    copies = COEFFICIENTS[t.key].row_copies
+    assert double - full == pytest.approx(4096 * shape.hidden * 4 * copies, abs=8)
+    lwf = estimate(shape, t, Setting(batch=4, seq_len=1024, trained_tokens=100, distill=True)).parts["logits"]
+    assert lwf == 2 * full  # every real token, and the base model's pass too
+    assert chunk_rows(shape.vocab) == 64
 
 
 def test_suggestions_fit_and_keep_the_effective_batch():

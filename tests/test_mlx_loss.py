@@ -17,13 +17,13 @@ from macft.mlx_backend.loss import (  # noqa: E402
     ce_kl_with_grad,
     ce_sum,
     ce_sum_with_grad,
-    chunk_rows,
     full_logits_split,
     gather_plan,
     kl_sum,
     split_agrees,
     split_model,
 )
+from macft.training.chunking import chunk_rows  # noqa: E402
 
 NYA = Path(__file__).resolve().parents[1] / "examples" / "data" / "nya_chat"
 

@@ -37,16 +37,7 @@ VOCAB = 300
 SEQ = 12
 
 
-@pytest.fixture(autouse=True)
-def quiet_fast_torch():
-    """One torch thread (conftest may preload OpenBLAS for MLX) and no denormals (random-init
-    models make many; they are 10-100x slower on x86)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
-    yield
-    torch.set_flush_denormal(False)
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- published layouts

@@ -182,7 +182,7 @@ def test_checkpointing_gives_the_same_gradients(tiny_gemma, nya_examples):
 
 
 def test_loss_on_the_gemma3_4b_class():
-    """logits_to_keep and the loss work on Gemma3ForConditionalGeneration (text only)."""
+    """The loss (backbone + output head) works on Gemma3ForConditionalGeneration (text only)."""
     from cuda_backend.engine import batch_loss, token_losses
     from macft.data.batching import collate
     from macft.data.dataset import Example

@@ -25,12 +25,12 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from ..adapter import AdapterSpec, read_peft_adapter, write_peft_adapter
 from ..data.batching import Batch
 from ..errors import MacftError
+from ..training.chunking import chunk_rows
 from .loss import (
     Split,
     ce_kl_with_grad,
     ce_sum,
     ce_sum_with_grad,
-    chunk_rows,
     full_logits_split,
     gather,
     gather_plan,

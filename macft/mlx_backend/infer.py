@@ -14,9 +14,10 @@ import mlx.nn as nn
 from ..adapter import read_peft_adapter
 from ..errors import MacftError
 from ..inference import Generation, IncrementalText, Sampling, stop_ids
+from ..training.chunking import chunk_rows
 from .device import on_metal
 from .engine import loss_split, token_losses
-from .loss import chunk_rows, gather, gather_plan, kl_sum
+from .loss import gather, gather_plan, kl_sum
 from .model import LoadedModel, load, mx_dtype
 
 

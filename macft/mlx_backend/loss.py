@@ -7,8 +7,8 @@ the backward pass. On a 16 GB Mac that is most of the memory a 1B fine-tune need
 - The backbone's final hidden states are gathered at the positions that carry a loss (the
   trained tokens; with LwF every real token). Prompt and padding positions never reach
   the output layer, which also saves its FLOPs there.
-- Those rows go through the output layer in chunks of :func:`chunk_rows` tokens (at most
-  ``CHUNK_LOGITS`` logits, 64 MiB in fp32, at a time). The loss is the last operation of
+- Those rows go through the output layer in chunks of ``chunk_rows(vocab)`` tokens (at most
+  ``macft.training.chunking.CHUNK_LOGITS`` logits, 64 MiB in fp32, at a time). The loss is the last operation of
   the step, so each chunk yields its loss *and* the loss's gradient with respect to its
   hidden states in the same pass (Liger-Kernel's fused linear cross-entropy); the
   backward pass only scales that gradient by its cotangent. Nothing is recomputed, and no
@@ -33,15 +33,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-CHUNK_LOGITS = 1 << 24  # logits alive at once per chunk (fp32: 64 MiB)
 ROW_BUCKET = 32  # gathered rows are padded to a multiple of this: fewer recompilations
 
 Head = Callable[[mx.array], mx.array]
-
-
-def chunk_rows(vocab: int, limit: int = CHUNK_LOGITS) -> int:
-    """Tokens per chunk so that one chunk's logits hold at most ``limit`` values."""
-    return max(1, limit // max(vocab, 1))
 
 
 # --------------------------------------------------------------------------- the model split

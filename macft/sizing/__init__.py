@@ -20,23 +20,23 @@ __all__ = ["Estimate", "Setting", "Target", "estimate", "suggestions", "setting_
 
 
 def largest_batch(plan: Any) -> tuple[int, int, int]:
-    """(rows, length, positions with a target) of the plan's largest micro-batch."""
+    """(rows, length, tokens with a loss) of the plan's largest micro-batch."""
     b = plan.largest_batch()
     n, t = b.input_ids.shape
-    kept = int(np.count_nonzero(b.loss_mask[:, 1:].sum(0) > 0))
-    return int(n), int(t), kept
+    trained = int(np.count_nonzero(b.loss_mask[:, 1:]))
+    return int(n), int(t), trained
 
 
 def setting_for(cfg: Any, plan: Any | None = None) -> Setting:
     """The memory-relevant settings of a run config; with a plan, the real largest batch
     (else ``batch_size`` rows of ``max_seq_len`` tokens, every position trained)."""
     if plan is not None:
-        b, t, kept = largest_batch(plan)
+        b, t, trained = largest_batch(plan)
     else:
-        b, t, kept = cfg.train.batch_size, cfg.data.max_seq_len, None
+        b, t, trained = cfg.train.batch_size, cfg.data.max_seq_len, None
     return Setting(batch=b, seq_len=t, quantize=cfg.model.quantize, grad_checkpoint=cfg.train.grad_checkpoint,
                    rank=cfg.lora.rank, targets=tuple(cfg.lora.targets), lora_layers=cfg.lora.layers,
-                   logit_positions=kept, distill=cfg.train.distill_weight > 0, grad_accum=cfg.train.grad_accum)
+                   trained_tokens=trained, distill=cfg.train.distill_weight > 0, grad_accum=cfg.train.grad_accum)
 
 
 def explain(e: Estimate) -> str:

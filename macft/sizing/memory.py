@@ -22,10 +22,14 @@ The parts:
   c_s*heads*seq_len`` values of the compute dtype (the last term: attention scores and
   probabilities, quadratic in the sequence). With gradient checkpointing only each
   layer's input is kept, plus one layer's activations while it is recomputed.
-- **logits**: ``batch x positions x vocab`` in fp32, with their softmax and gradient.
-  The PyTorch engine computes logits only at positions that carry a target (assistant
-  tokens); the MLX engine at every position. For Gemma's 262k vocabulary this is often
-  the largest single part.
+- **logits**: both engines take the final hidden states only at the tokens that carry a
+  loss (with LwF: every real token) and run the output layer over them in chunks of at
+  most ``CHUNK_LOGITS`` logits, computing each chunk's loss gradient at once
+  (:mod:`macft.mlx_backend.loss`, :mod:`cuda_backend.loss`). So the part is a few chunks
+  of fp32 logits (``chunk_copies``; MLX also runs ahead by a few operations) plus a few
+  fp32 copies of the gathered hidden states and their gradient (``row_copies``), no longer
+  ``tokens x vocabulary``. With gradient checkpointing the chunks and the recomputed layer
+  are alive at different times, so only the larger counts.
 - **framework**: what the framework holds besides (CPU torch: the libraries in RSS).
 - **loading** (PyTorch on the CPU only): the peak RSS of loading, the memory-mapped
   safetensors files plus the weights made from them, when it is above the training peak.
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from ..training.chunking import chunk_rows
 from .shapes import ModelShape
 
 GiB = 1024**3
@@ -52,26 +57,31 @@ class Coefficients:
     c_kv: float
     c_i: float
     c_s: float
-    logit_copies: float  # fp32 B x positions x vocab tensors alive at the peak
+    chunk_copies: float  # fp32 [chunk rows x vocab] tensors alive at the peak
+    row_copies: float  # fp32 [trained tokens x hidden] tensors (gathered rows, their gradient)
     framework: int  # bytes
     ckpt_layer_copies: float = 1.0  # per-layer input copies kept with checkpointing
 
+
+# the chunked loss (fitted on bench/estimate_vs_measured.py's rows, see RESULTS.md)
+CHUNK_COPIES_MLX, ROW_COPIES_MLX = 4.0, 3.0
+CHUNK_COPIES_TORCH, ROW_COPIES_TORCH = 4.0, 3.0
 
 # measured: see the module docstring
 COEFFICIENTS: dict[str, Coefficients] = {
     # least squares over 9 fixture runs (two widths, batch 2-8, 128-512 tokens, 4-bit,
     # checkpointing); residuals under 2%
-    "mlx": Coefficients(c_h=8.9, c_q=8.9, c_kv=17.8, c_i=8.1, c_s=1.07, logit_copies=4.0, framework=0,
+    "mlx": Coefficients(c_h=8.9, c_q=8.9, c_kv=17.8, c_i=8.1, c_s=1.07, chunk_copies=CHUNK_COPIES_MLX, row_copies=ROW_COPIES_MLX, framework=0,
                         ckpt_layer_copies=6.8),
     # PyTorch on the CPU (peak RSS): the MLX shape scaled by 0.94, checkpointing, logits and the
     # libraries' resident size fitted over the same fixtures plus two runs with Gemma-3 1B's
     # dimensions
-    "cuda-cpu": Coefficients(c_h=8.33, c_q=8.33, c_kv=16.7, c_i=7.58, c_s=1.0, logit_copies=3.8,
-                             framework=int(0.49 * GiB), ckpt_layer_copies=21.0),
+    "cuda-cpu": Coefficients(c_h=8.33, c_q=8.33, c_kv=16.7, c_i=7.58, c_s=1.0, chunk_copies=CHUNK_COPIES_TORCH,
+                             row_copies=ROW_COPIES_TORCH, framework=int(0.49 * GiB), ckpt_layer_copies=21.0),
     # on a GPU: the same tensors (in bf16 where the run uses it) and the CUDA context; not
     # measured here (no GPU in this project's CI)
-    "cuda-gpu": Coefficients(c_h=8.33, c_q=8.33, c_kv=16.7, c_i=7.58, c_s=1.0, logit_copies=3.8,
-                             framework=int(0.5 * GiB), ckpt_layer_copies=21.0),
+    "cuda-gpu": Coefficients(c_h=8.33, c_q=8.33, c_kv=16.7, c_i=7.58, c_s=1.0, chunk_copies=CHUNK_COPIES_TORCH,
+                             row_copies=ROW_COPIES_TORCH, framework=int(0.5 * GiB), ckpt_layer_copies=21.0),
 }
 
 
@@ -104,8 +114,8 @@ class Setting:
     rank: int = 16
     targets: tuple[str, ...] = ("all-linear",)
     lora_layers: int = -1
-    logit_positions: int | None = None  # positions with a target (PyTorch engine); None: seq_len
-    distill: bool = False  # LwF keeps the base logits too
+    trained_tokens: int | None = None  # tokens with a loss in the largest batch; None: all of them
+    distill: bool = False  # LwF: every real token reaches the output layer, twice (base model too)
     grad_accum: int = 1  # does not move memory; kept so suggestions keep the effective batch
 
 
@@ -158,9 +168,15 @@ def estimate(shape: ModelShape, target: Target, s: Setting) -> Estimate:
     else:
         act = b * t * n_layers * per_token_layer
     e.parts["activations"] = int(act)
-    positions = t if target.backend == "mlx" or s.logit_positions is None else min(t, s.logit_positions)
-    copies = c.logit_copies + (2 if s.distill else 0)
-    e.parts["logits"] = int(b * positions * shape.vocab * 4 * copies)
+    rows = b * t if s.trained_tokens is None or s.distill else min(b * t, s.trained_tokens)
+    chunk = min(rows, chunk_rows(shape.vocab))
+    per_row = 2 if s.distill else 1  # LwF: the base model's hidden states and logits too
+    chunks = per_row * chunk * shape.vocab * 4 * c.chunk_copies
+    if s.grad_checkpoint:
+        # the chunks live at the end of the forward pass, the recomputed layer in the backward
+        # pass: only the larger of the two counts (measured: tiny-wide, 0.54 GB vs 0.66 summed)
+        chunks = max(0.0, chunks - b * t * per_token_layer)
+    e.parts["logits"] = int(chunks + per_row * rows * shape.hidden * 4 * c.row_copies)
     framework = c.framework
     if target.backend == "cuda" and target.device == "cpu" and s.quantize != "none":
         framework += BNB_CPU  # bitsandbytes' CPU library and its buffers
@@ -189,9 +205,10 @@ def suggestions(shape: ModelShape, target: Target, s: Setting, limit: int = 3) -
         for ck in ckpts:
             for bs in batches:
                 for n in lens:
+                    scale = bs * n / (s.batch * s.seq_len)
                     new = replace(s, quantize=q, grad_checkpoint=ck, batch=bs, seq_len=n,
-                                  logit_positions=None if s.logit_positions is None
-                                  else min(s.logit_positions, n))
+                                  trained_tokens=None if s.trained_tokens is None
+                                  else max(1, int(s.trained_tokens * scale)))
                     words = []
                     cost = 0
                     if ck != s.grad_checkpoint:
