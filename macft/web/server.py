@@ -83,7 +83,9 @@ def serve(demo: Any, host: str, port: int, work: Callable[[float], None], **laun
         raise MacftError(f"Could not listen on {host}:{port}: {e}",
                          "Pick another port with --port.") from None
     on_term = signal.signal(signal.SIGTERM, _interrupt)
-    on_int = signal.getsignal(signal.SIGINT)
+    # set, not inherited: a process started in the background of a script inherits SIGINT
+    # ignored, and the page must still stop on Ctrl-C (seen: the web tests hung so under nohup)
+    on_int = signal.signal(signal.SIGINT, _interrupt)
     try:
         out.print(f"Chat page: {page_url(host, port)}")
         console.print("[dim]Press Ctrl-C to stop.[/]")
