@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Skip the comparison with the Hugging Face model (it loads the model in fp32); "
                         "the files are then unchecked.")
     add_config_flags(p, ("export",))
+    p.add_argument("--no-imatrix", action="store_true",
+                   help="Quantize without an importance matrix (same as --imatrix off); the i-quants "
+                        "(iq4_xs, iq3_m) are then refused.")
 
 
 def add_setup_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,6 +78,13 @@ def export(args: argparse.Namespace) -> int:
     export_values = cli_values(args, ("export",))
     # the flags named as macft.export() names its options
     options = {spec_key.split(".", 1)[1]: value for spec_key, value in export_values.items()}
+    if getattr(args, "no_imatrix", False):
+        from macft.errors import MacftError
+
+        if options.get("imatrix") not in (None, "off"):
+            raise MacftError(f"--no-imatrix and --imatrix {options['imatrix']} contradict each other.",
+                             "Pass one of them.")
+        options["imatrix"] = "off"
     result = api_export(args.run, adapter=args.adapter, model=args.model, best=args.best,
                         force=getattr(args, "force", False), output=args.output, name=args.name,
                         prompts=args.prompts, verify_prompts=args.verify_prompts,

@@ -17,6 +17,7 @@ from macft.errors import MacftError
 from macft.run import Resolved, Run, open_run
 
 from .dequant import BaseQuantization, read_base_quantization
+from .imatrix import ImatrixPlan, plan_imatrix
 from .quantize import parse_quant_types
 
 
@@ -24,7 +25,8 @@ from .quantize import parse_quant_types
 class ExportOptions:
     quants: list[str] = field(default_factory=lambda: ["q4_k_m"])
     outtype: str = "auto"
-    merge_base: str = "trained"
+    merge_base: str = "auto"  # auto | dequantized | original
+    imatrix: str = "auto"  # auto | off | a file
     lora_gguf: bool = False
     keep_intermediate: bool = False
     llama_cpp: str | None = None
@@ -48,6 +50,7 @@ class ExportJob:
     options: ExportOptions
     run: Run | None = None  # --run RUN (None: --adapter DIR --model BASE)
     recorded_quant: BaseQuantization | None = None  # how training quantized the base, if it did
+    imatrix_plan: ImatrixPlan = field(default_factory=lambda: ImatrixPlan("off"))
 
     @property
     def run_dir(self) -> Path | None:
@@ -63,9 +66,18 @@ class ExportJob:
         return self.run.resolved if self.run else Resolved()
 
     @property
-    def merge_quant(self) -> BaseQuantization | None:
-        """The roundtrip the merge applies: the recorded one unless --merge-base original."""
-        return self.recorded_quant if self.options.merge_base == "trained" else None
+    def merge_bases(self) -> list[str]:
+        """The merges to make: both for a QLoRA run under --merge-base auto (measured, the
+        closer kept), else the one asked for; a run without a quantized base has one."""
+        if self.recorded_quant is None:
+            return ["as stored"]
+        if self.options.merge_base == "auto":
+            return ["dequantized", "original"]
+        return [self.options.merge_base]
+
+    def merge_quant(self, base: str) -> BaseQuantization | None:
+        """The roundtrip the merge into ``base`` applies (None: the weights as stored)."""
+        return self.recorded_quant if base == "dequantized" else None
 
 
 def _slug(text: str) -> str:
@@ -136,7 +148,8 @@ def resolve_job(*, run: str | None, adapter: str | None, model: str | None, outp
     quants_in = str(raw).split(",") if raw is not None else ecfg.export.quant
     options.quants = parse_quant_types(quants_in)
     options.outtype = ecfg.export.outtype
-    options.merge_base = ecfg.export.merge_base
+    options.merge_base = {"trained": "dequantized"}.get(ecfg.export.merge_base, ecfg.export.merge_base)
+    options.imatrix = ecfg.export.imatrix
     options.lora_gguf = ecfg.export.lora_gguf
     options.keep_intermediate = ecfg.export.keep_intermediate
     options.llama_cpp = ecfg.export.llama_cpp
@@ -146,6 +159,7 @@ def resolve_job(*, run: str | None, adapter: str | None, model: str | None, outp
     out_path = Path(output) if output else default_out
     check_output(out_path)
     recorded = read_base_quantization(the_run.path if the_run else None)
+    imatrix = plan_imatrix(options.imatrix, options.quants, cfg, from_run=the_run is not None)
     return ExportJob(adapter_dir=adapter_dir, base=str(base), output=out_path,
                      name=_slug(name) if name else default_name, options=options, run=the_run,
-                     recorded_quant=recorded)
+                     recorded_quant=recorded, imatrix_plan=imatrix)

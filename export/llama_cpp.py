@@ -44,9 +44,12 @@ VENDOR_PREFIX = f"llama_cpp_python-{PIN_VERSION}/vendor/llama.cpp/"
 # Built for export and its verification. llama-cli needs the server target; completion is enough.
 # What every export needs; a user's own checkout must have these.
 CORE_TOOLS = ("llama-quantize", "llama-completion", "llama-tokenize", "llama-perplexity")
-# The pinned build also has llama-mtmd-cli: it checks that an exported vision projector
-# (mmproj GGUF) loads beside the text GGUF and answers about an image.
-TOOLS = (*CORE_TOOLS, "llama-mtmd-cli")
+# The pinned build also has llama-imatrix (the importance matrix from the run's own data, which
+# the K- and i-quants use) and llama-mtmd-cli (checks that an exported vision projector (mmproj
+# GGUF) loads beside the text GGUF and answers about an image). A user's checkout without them
+# exports without an imatrix / without the projector check, and says so.
+IMATRIX_TOOL = "llama-imatrix"
+TOOLS = (*CORE_TOOLS, IMATRIX_TOOL, "llama-mtmd-cli")
 CONVERT_HF = "convert_hf_to_gguf.py"
 CONVERT_LORA = "convert_lora_to_gguf.py"
 

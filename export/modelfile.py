@@ -174,12 +174,37 @@ def modelfile_text(gguf_name: str, template: str | None, end_tokens: list[str], 
     return "\n".join(lines) + "\n"
 
 
+# The KL divergence (to the 16-bit model, on the validation tokens) below which the README
+# recommends a file: llama.cpp's own figures put q4_k_m of LLaMA-3-8B at 0.03 and q8_0 at 0.001.
+PICK_KL = 0.05
+
+
+def pick_file(files: list[dict], outputs: list[str]) -> str | None:
+    """The smallest published GGUF whose measured KL divergence is at most PICK_KL."""
+    ok = [f for f in files if f["file"] in outputs and f.get("kind") != "lora"
+          and f.get("kl_divergence") is not None and f["kl_divergence"] <= PICK_KL]
+    return min(ok, key=lambda f: f["size"])["file"] if ok else None
+
+
 def readme_text(*, name: str, files: list[tuple[str, str, int]], main: str, lora: str | None,
                 base_gguf: str | None, template_exact: bool, end_tokens: list[str],
-                bin_dir: Path, report: str, verified: bool = True, mmproj: str | None = None) -> str:
+                bin_dir: Path, report: str, verified: bool = True, mmproj: str | None = None,
+                kl: dict[str, float | None] | None = None, imatrix: dict[str, bool] | None = None,
+                pick: str | None = None) -> str:
+    """``kl``: each GGUF's measured KL divergence to the 16-bit model; ``imatrix``: whether
+    it was quantized with the importance matrix; ``pick``: the file the figures recommend."""
     from macft.ui import human_bytes
 
-    rows = "\n".join(f"| `{f}` | {k} | {human_bytes(sz)} |" for f, k, sz in files)
+    kl, imatrix = kl or {}, imatrix or {}
+
+    def _kl(f: str) -> str:
+        x = kl.get(f)
+        return "-" if x is None else f"{x:.2g}" if x < 0.01 else f"{x:.3f}"
+
+    def _imx(f: str) -> str:
+        return {True: "yes", False: "no"}.get(imatrix.get(f), "-")  # type: ignore[arg-type]
+
+    rows = "\n".join(f"| `{f}` | {k} | {human_bytes(sz)} | {_kl(f)} | {_imx(f)} |" for f, k, sz in files)
     stop_flags = " ".join(f'-r "{t}"' for t in end_tokens)
     lines = [
         f"# {name}: GGUF export",
@@ -188,10 +213,14 @@ def readme_text(*, name: str, files: list[tuple[str, str, int]], main: str, lora
          f"Hugging Face model (figures in `{report}`)." if verified else
          "Made by `macft export --no-verify`: these files were NOT compared with the Hugging Face model."),
         "",
-        "| file | type | size |",
-        "|---|---|---|",
+        "| file | type | size | KL divergence | importance matrix |",
+        "|---|---|---|---|---|",
         rows,
         "",
+        *(["**Which file:** the smaller the file, the more its answers drift from the fine-tune, and the "
+           "KL divergence column measures that drift on your validation data (0 = identical; below about "
+           f"{PICK_KL} answers rarely change). Take the smallest file whose drift you accept, here "
+           f"`{pick}`, or `q8_0` when memory allows.", ""] if pick else []),
         "## llama.cpp",
         "",
         "```sh",

@@ -18,6 +18,7 @@ only when all of it succeeded; a failure leaves the output directory as it was.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -59,7 +60,10 @@ def estimate_bytes(job: ExportJob, shard_bytes: int, numel: int, adapter_bytes: 
 
     o = job.options
     need = shard_bytes + numel * 2  # merged copy + 16-bit GGUF
-    need += sum(int(numel * BITS_PER_WEIGHT[q] / 8) for q in o.quants if q != o.outtype)
+    if len(job.merge_bases) > 1:  # --merge-base auto on a QLoRA run: both merges, both converted
+        need += shard_bytes + numel * 2
+    quantized = [int(numel * BITS_PER_WEIGHT[q] / 8) for q in o.quants if q != o.outtype]
+    need += sum(quantized) + max(quantized, default=0)  # + one comparison file without the imatrix
     if o.lora_gguf:
         need += numel * 2 + adapter_bytes
     need += min(MAX_KLD_FILE, o.eval_tokens * (n_vocab + 6) * 2)
@@ -121,6 +125,7 @@ def _check_up_front(job: ExportJob) -> tuple[Path, ModelInfo, Any, Any, str, int
         job.run.check_base(base_dir, force=o.force, other_base_hint=" with --model BASE")
     plan = plan_merge(base_dir, job.adapter_dir, job.merge_quant)  # checks the base and the adapter
     tools = locate(o.llama_cpp)
+    _check_imatrix_tool(job, tools)
     check_converter_deps()
     arch = check_architecture(tools, info)
     numel = sum(t.numel for sf in plan.shards for t in sf.tensors.values())
@@ -135,6 +140,25 @@ def _check_up_front(job: ExportJob) -> tuple[Path, ModelInfo, Any, Any, str, int
             f"(merged model, 16-bit GGUF, {len(o.quants)} quantized file(s)), {human_bytes(free)} is free.",
             "Free some space, pass --output on a disk with more room, or ask for fewer --quant types.")
     return base_dir, info, plan, tools, arch, need
+
+
+def _check_imatrix_tool(job: ExportJob, tools) -> None:
+    """The i-quants need the matrix this llama.cpp cannot compute: refuse before anything is
+    written (the K-quants go on without it, with a note)."""
+    from .llama_cpp import IMATRIX_TOOL
+    from .quantize import NEEDS_IMATRIX
+
+    needs = [q for q in job.options.quants if q in NEEDS_IMATRIX]
+    if job.imatrix_plan.mode != "data" or not needs:
+        return
+    try:
+        tools.tool(IMATRIX_TOOL)
+    except MacftError:
+        raise MacftError(
+            f"{', '.join(needs)} needs an importance matrix, and the llama.cpp build in {tools.bin_dir} has no "
+            f"{IMATRIX_TOOL} to compute one.",
+            f"Build it (cmake --build build --target {IMATRIX_TOOL}), pass --imatrix FILE, or leave out "
+            "--llama-cpp to use the pinned build.") from None
 
 
 def _write_report(job: ExportJob, report: dict[str, Any], need: int) -> None:
@@ -249,16 +273,18 @@ def _run_steps(job: ExportJob, tools, base_dir: Path, info: ModelInfo, arch: str
     o = job.options
     notes: list[str] = []
     ex = _Export(job, tools, work, _new_report(job, tools, base_dir, info, arch, timings, notes), timings, notes)
-    merged = _merge_step(ex, plan)
+    bases = job.merge_bases
+    merged = _merge_step(ex, plan, bases[0], work / "merged")
     fallback = _tokenizer_step(ex, merged)
     gguf16 = _convert_step(ex, merged)
     info16 = read_gguf(gguf16)
-    prompts, info16, refs = _reference_step(ex, base_dir, merged, gguf16, info16)
+    prompts, info16, refs = _reference_step(ex, base_dir, merged, gguf16, info16, plan, bases)
     check = _checker(ex, prompts.ev, refs)
     checks = [_verify_16bit(ex, gguf16, info16, check)]
+    imx = _imatrix_step(ex, gguf16, prompts.renderer)
     for q in o.quants:
         if q != o.outtype:
-            checks.append(_quantize_step(ex, gguf16, q, check))
+            checks.append(_quantize_step(ex, gguf16, q, check, imx))
     mmproj = None
     if info.multimodal:
         mmproj = _export_mmproj(job, tools, merged, work, ex.out, arch, notes, ex.report)
@@ -298,27 +324,34 @@ def _new_report(job: ExportJob, tools, base_dir: Path, info: ModelInfo, arch: st
     }
 
 
-def _merge_step(ex: _Export, plan) -> Path:
-    """2. The adapter merged into its base, streaming the shards into ``merged/``."""
+def _merge_step(ex: _Export, plan, base: str, dest: Path) -> Path:
+    """2. The adapter merged into its base (``base``: "as stored", "dequantized" or
+    "original", see ExportJob.merge_bases), streaming the shards into ``dest``. The record
+    goes to the report's "merge" (or, for a second candidate, its "candidates")."""
+    import dataclasses
+
     from .merge import merge
 
     job = ex.job
     t0 = time.time()
-    merged = ex.work / "merged"
     total = sum(len(sf.tensors) for sf in plan.shards)
+    plan = dataclasses.replace(plan, quant=job.merge_quant(base))
     with task_progress() as prog:
-        task = prog.add_task("merging (streaming the shards)", total=total)
-        res = merge(plan, merged, on_tensor=lambda _n: prog.advance(task))
-    ex.timings["merge"] = round(time.time() - t0, 2)
+        task = prog.add_task(f"merging{'' if base == 'as stored' else ' into the ' + base + ' base'} "
+                             "(streaming the shards)", total=total)
+        res = merge(plan, dest, on_tensor=lambda _n: prog.advance(task))
+    ex.timings[f"merge {base}" if base != "as stored" else "merge"] = round(time.time() - t0, 2)
     base_used = res.base
-    if job.recorded_quant is not None and job.merge_quant is None:
+    if base == "original":
         base_used = (f"original weights as stored (training saw {job.recorded_quant.describe()}; "
                      "--merge-base original)")
-    ex.report["merge"] = {"base_used": base_used, "tensors": res.tensors, "adapted": res.merged,
-                         "dequantized": res.dequantized, "bytes": res.bytes_written,
-                         "seconds": round(res.seconds, 2)}
+    record = {"base": base, "base_used": base_used, "tensors": res.tensors, "adapted": res.merged,
+              "dequantized": res.dequantized, "bytes": res.bytes_written, "seconds": round(res.seconds, 2)}
+    ex.report.setdefault("merge", {}).setdefault("made", []).append(record)
+    if len(ex.report["merge"]["made"]) == 1:
+        ex.report["merge"].update(record)
     _step(f"merged: {res.merged} adapted weights into {res.tensors} tensors ({base_used})", t0)
-    return merged
+    return dest
 
 
 def _tokenizer_step(ex: _Export, merged: Path) -> str | None:
@@ -355,10 +388,14 @@ def _convert_step(ex: _Export, merged: Path) -> Path:
     return gguf16
 
 
-def _reference_step(ex: _Export, base_dir: Path, merged: Path, gguf16: Path, info16) -> tuple[_Prompts, Any, dict]:
+def _reference_step(ex: _Export, base_dir: Path, merged: Path, gguf16: Path, info16, plan,
+                    bases: list[str]) -> tuple[_Prompts, Any, dict]:
     """5. The validation prompts and, unless --no-verify, the Hugging Face references the GGUF
-    files are checked against (and the merge check). Returns the prompts, the 16-bit GGUF's
-    info (reconverted when llama.cpp tokenized the prompts differently) and the references."""
+    files are checked against (and the merge check). With two merge bases (--merge-base auto
+    on a QLoRA run) the second merge is made here, both are measured against the
+    training-time model and the closer one ends up in ``merged`` / ``gguf16``. Returns the
+    prompts, the 16-bit GGUF's info (reconverted when llama.cpp tokenized the prompts
+    differently) and the references."""
     o = ex.job.options
     t0 = time.time()
     prompts = _prompts(ex.job, merged, ex.notes)
@@ -366,16 +403,41 @@ def _reference_step(ex: _Export, base_dir: Path, merged: Path, gguf16: Path, inf
     if o.verify:
         ev, tok = prompts.ev, prompts.tok
         info16 = _reconcile_tokenization(ex.tools, merged, gguf16, o, ev, tok, info16, ex.report)
-        refs = _references(ex.job, base_dir, merged, ex.work, ev, info16, tok, ex.notes, ex.report)
+        second = None
+        if len(bases) > 1:
+            second = _second_merge(ex, plan, bases[1], merged)
+        refs = _references(ex, base_dir, merged, gguf16, second, bases, ev, info16, tok)
         ex.timings["reference"] = round(time.time() - t0, 2)
         _step(f"reference: {len(ev.prompts)} prompts, {refs['merged'].kld.scored if refs['merged'].kld else 0} "
               f"scored tokens from {prompts.source}", t0)
     else:
         ex.notes.append("verification skipped (--no-verify): the GGUF files were not compared with the "
                        "Hugging Face model")
+        if len(bases) > 1:
+            ex.notes.append("--merge-base auto needs verification to measure the merges: merged into the "
+                            "dequantized base (as training saw it)")
         ex.report["merge"]["check"] = {}
         ex.report["validation"] = {"source": None}
     return prompts, info16, refs
+
+
+def _second_merge(ex: _Export, plan, base: str, first: Path) -> tuple[Path, Path]:
+    """The other merge candidate with the first one's (fixed) tokenizer files, converted to a
+    16-bit GGUF; (merged dir, 16-bit GGUF)."""
+    from .convert import convert_model
+    from .merge import SKIP_SUFFIXES
+
+    o = ex.job.options
+    dest = _merge_step(ex, plan, base, ex.work / f"merged-{base}")
+    for p in first.iterdir():  # tokenizer fixes, add_prefix_space: identical for both
+        if p.is_file() and not p.name.endswith(SKIP_SUFFIXES):
+            shutil.copy2(p, dest / p.name)
+    gguf = ex.work / f"{ex.job.name}-{base}-{o.outtype}.gguf"
+    t0 = time.time()
+    with _spinner(f"converting the {base} merge to a {o.outtype} GGUF"):
+        convert_model(ex.tools, dest, gguf, o.outtype)
+    _step(f"converted: {gguf.name} ({human_bytes(gguf.stat().st_size)})", t0)
+    return dest, gguf
 
 
 def _prompts(job: ExportJob, merged: Path, notes: list[str]) -> _Prompts:
@@ -456,24 +518,114 @@ def _verify_16bit(ex: _Export, gguf16: Path, info16, check: Callable[..., Any]) 
     return entry
 
 
-def _quantize_step(ex: _Export, gguf16: Path, q: str, check: Callable[..., Any]) -> dict:
-    """6. One quantized type made from the 16-bit GGUF and checked against the merged model
-    (reported, not enforced). Returns the file's entry in the report."""
+def _imatrix_step(ex: _Export, gguf16: Path, renderer) -> Any:
+    """6a. The importance matrix for the K- and i-quants: computed with llama-imatrix on the
+    16-bit GGUF over the run's training conversations, or the user's --imatrix FILE. Returns
+    an :class:`export.imatrix.Imatrix` or None (the reason goes to the notes and the report)."""
+    from .imatrix import compute, external, wants_imatrix
+    from .llama_cpp import IMATRIX_TOOL
+
+    job, o = ex.job, ex.job.options
+    plan = job.imatrix_plan
+    rec: dict[str, Any] = {"used": False}
+    ex.report["imatrix"] = rec
+    if not wants_imatrix([q for q in o.quants if q != o.outtype]):
+        rec["why"] = "no requested type uses an importance matrix"
+        return None
+    if plan.mode == "off":
+        rec["why"] = plan.why
+        ex.notes.append(plan.why if plan.why.startswith("no importance") else f"no importance matrix: {plan.why}")
+        return None
+    if plan.mode == "file":
+        imx = external(plan.file)
+        rec.update({"used": True, **imx.to_dict(), "file": str(imx.path)})
+        return imx
+    try:
+        ex.tools.tool(IMATRIX_TOOL)
+    except MacftError:
+        why = (f"no importance matrix: the llama.cpp build in {ex.tools.bin_dir} has no {IMATRIX_TOOL} "
+               f"(build it: cmake --build build --target {IMATRIX_TOOL})")
+        rec["why"] = why
+        ex.notes.append(why)
+        return None
+    t0 = time.time()
+    imx, why = compute(ex.tools, gguf16, plan, renderer, ex.work, job.name, o.threads)
+    if imx is None:
+        rec["why"] = f"no importance matrix: {why}"
+        ex.notes.append(rec["why"])
+        return None
+    rec.update(used=True, **imx.to_dict())
+    ex.out.final.append(imx.path)
+    ex.timings["imatrix"] = round(time.time() - t0, 2)
+    return imx
+
+
+SCORE_FIGURES = ("kl_divergence", "same_top", "perplexity", "ln_ppl_ratio", "scored_tokens")
+
+
+def _quantize_step(ex: _Export, gguf16: Path, q: str, check: Callable[..., Any], imx=None) -> dict:
+    """6b. One quantized type made from the 16-bit GGUF and checked against the merged model
+    (reported, not enforced). With an importance matrix the type is also made without it and
+    measured on the same validation tokens; the file with the lower KL divergence is kept
+    (normally the imatrix one) and both figures go to the report. Returns the file's entry."""
     from .gguf_info import read_gguf
-    from .quantize import quantize
+    from .quantize import IMATRIX_TYPES, quantize
 
     o = ex.job.options
     t0 = time.time()
     dst = ex.work / f"{ex.job.name}-{q}.gguf"
-    with _spinner(f"quantizing to {q} (llama-quantize)"):
-        qres = quantize(ex.tools, gguf16, dst, q, o.threads)
+    uses = imx is not None and q in IMATRIX_TYPES
+    with _spinner(f"quantizing to {q}{' with the importance matrix' if uses else ''} (llama-quantize)"):
+        qres = quantize(ex.tools, gguf16, dst, q, o.threads, imatrix=imx.path if uses else None)
     chk = check(dst, q, "merged")
-    entry = {**chk.to_dict(), "types": read_gguf(dst).type_counts(), "fallbacks": qres.fallbacks}
+    entry = {**chk.to_dict(), "types": read_gguf(dst).type_counts(), "fallbacks": qres.fallbacks,
+             "imatrix": bool(uses)}
+    if chk.ln_ppl_ratio is not None:
+        entry["ppl_ratio"] = float(math.exp(chk.ln_ppl_ratio))
+    if uses and o.verify and chk.kl_divergence is not None:
+        entry.update(_without_imatrix(ex, gguf16, dst, q, check, chk))
     ex.out.final.append(dst)
     ex.timings[f"quantize+verify {q}"] = round(time.time() - t0, 2)
     fb = f", {len(qres.fallbacks)} tensor(s) fell back" if qres.fallbacks else ""
-    _step(f"{dst.name}: {_figures(chk)}{fb}", t0)
+    gain = entry.get("imatrix_kl_change")
+    imx_txt = "" if gain is None else f", KL {gain:+.0%} with the importance matrix"
+    _step(f"{dst.name}: {_figures(chk)}{imx_txt}{fb}", t0)
     return entry
+
+
+def _without_imatrix(ex: _Export, gguf16: Path, dst: Path, q: str, check: Callable[..., Any], chk) -> dict:
+    """The same type quantized without the importance matrix, scored on the same tokens.
+    Replaces ``dst`` when it measures closer to the 16-bit model (then checked in full)."""
+    from .gguf_info import read_gguf
+    from .quantize import quantize
+
+    o = ex.job.options
+    alt = ex.work / f"{ex.job.name}-{q}-noimatrix.gguf"
+    with _spinner(f"quantizing to {q} without the importance matrix, for comparison"):
+        quantize(ex.tools, gguf16, alt, q, o.threads)
+    c2 = check(alt, q, "merged", scores_only=True, label=f"{dst.name} without imatrix")
+    without = {k: getattr(c2, k) for k in SCORE_FIGURES}
+    if c2.ln_ppl_ratio is not None:
+        without["ppl_ratio"] = float(math.exp(c2.ln_ppl_ratio))
+    out: dict[str, Any] = {"without_imatrix": without}
+    if c2.kl_divergence is not None and chk.kl_divergence:
+        out["imatrix_kl_change"] = chk.kl_divergence / c2.kl_divergence - 1 if c2.kl_divergence else None
+    if c2.kl_divergence is not None and c2.kl_divergence < chk.kl_divergence:
+        # measured worse with the matrix: publish the plain file, checked in full
+        with_figures = {k: getattr(chk, k) for k in SCORE_FIGURES}
+        os.replace(alt, dst)
+        full = check(dst, q, "merged")
+        out.update({**full.to_dict(), "types": read_gguf(dst).type_counts(), "imatrix": False,
+                    "with_imatrix": with_figures,
+                    "imatrix_note": "measured closer to the 16-bit model without the importance matrix: "
+                                    "the published file is quantized without it"})
+        if full.ln_ppl_ratio is not None:
+            out["ppl_ratio"] = float(math.exp(full.ln_ppl_ratio))
+        ex.notes.append(f"{dst.name}: the importance matrix made it worse on the validation data "
+                        f"(KL {with_figures['kl_divergence']:.4g} vs {c2.kl_divergence:.4g}); published without it")
+    else:
+        alt.unlink(missing_ok=True)
+    return out
 
 
 def _lora_step(ex: _Export, base_dir: Path, fallback: str | None,
@@ -614,13 +766,14 @@ def _reconcile_tokenization(tools, merged: Path, gguf16: Path, o, ev, tok, info1
     return read_gguf(gguf16)
 
 
-def _references(job: ExportJob, base_dir: Path, merged: Path, work: Path, ev, info16, tok,
-                notes: list[str], report: dict) -> dict:
-    """Reference figures of the merged model (and of base + adapter for the LoRA); merge check."""
+def _references(ex: _Export, base_dir: Path, merged: Path, gguf16: Path, second: tuple[Path, Path] | None,
+                bases: list[str], ev, info16, tok) -> dict:
+    """Reference figures of the merged model (and of base + adapter for the LoRA); the merge
+    check; with a ``second`` merge candidate, the measured choice between the two."""
     from .reference import HFModel, compare_logits
     from .verify import Reference, plan_kld, write_kld_file
 
-    o = job.options
+    job, o, work, notes, report = ex.job, ex.job.options, ex.work, ex.notes, ex.report
     prompts_txt = [llama_prompt_text(p, info16, ev, tok) for p in ev.prompts]
     n_vocab = len(info16.tokens)
     kld = plan_kld(ev.stream, add_bos=info16.add_bos, bos_id=ev.bos_id, n_vocab=n_vocab,
@@ -641,40 +794,46 @@ def _references(job: ExportJob, base_dir: Path, merged: Path, work: Path, ev, in
 
     refs: dict[str, Reference] = {}
     threads = o.threads
-    m = HFModel(merged, threads=threads)
-    merged_logits = [m.logits(p.ids) for p in ev.prompts]
-    # The 16-bit GGUF stores the weights rounded to the outtype; so does the reference (it
-    # changes nothing for weights stored in bf16, which is how most checkpoints come).
-    m.round_weights(o.outtype)
-    refs["merged"] = reference(m, "merged")
-    m.close()
     # the training-time model: the base as training saw it + the adapter, unmerged (peft)
     t = HFModel(base_dir, job.adapter_dir, job.recorded_quant, threads=threads)
     n_adapter = len(_adapter_modules(job.adapter_dir))
+    applied = t.applied == n_adapter
+    trained_logits = [t.logits(p.ids) for p in ev.prompts] if applied else None
+    if second is not None:
+        refs["trained"] = reference(t, "trained")
+    t.close()
+    chosen = bases[0]
+    if second is not None:
+        chosen = _choose_merge(ex, refs, ev, bases, (merged, gguf16), second)
     check: dict[str, Any] = {"against": "training-time model (base as training saw it + adapter via peft)"}
-    if t.applied != n_adapter:
+    m = HFModel(merged, threads=threads)
+    if not applied:
         notes.append(f"peft applied {t.applied} of the adapter's {n_adapter} modules to the training-time "
                      "model; the merge check is skipped")
     else:
-        check.update(compare_logits(merged_logits, [t.logits(p.ids) for p in ev.prompts]))
-        reproduces = job.recorded_quant is None or o.merge_base == "trained"
+        check.update(compare_logits([m.logits(p.ids) for p in ev.prompts], trained_logits))
+        reproduces = chosen in ("as stored", "dequantized")
         check["expected"] = ("equal up to rounding" if reproduces else
-                             "different by the base's quantization error (--merge-base original)")
+                             "different by the base's quantization error (merged into the original weights)")
         if reproduces and check.get("top1_agreement", 1.0) < 0.95:
             raise MacftError(
                 "The merged model does not reproduce the training-time model: its top token agrees on "
                 f"{check['top1_agreement']:.1%} of the validation prompt positions (max logit difference "
                 f"{check['max_abs_logit_diff']:.3g}). This is a merge bug.",
                 "Report it with --debug output; as a workaround use --lora-gguf with the base GGUF.")
+    # The 16-bit GGUF stores the weights rounded to the outtype; so does the reference (it
+    # changes nothing for weights stored in bf16, which is how most checkpoints come).
+    m.round_weights(o.outtype)
+    refs["merged"] = reference(m, "merged")
+    m.close()
     report["merge"]["check"] = check
     if o.lora_gguf:
         # the GGUF LoRA runs (f16) on the base GGUF (outtype): round the base the same way
-        t.close()
         t = HFModel(base_dir, None, None, threads=threads)
         t.round_weights(o.outtype)
         t.add_adapter(job.adapter_dir, "f16")
         refs["lora"] = reference(t, "lora")
-    t.close()
+        t.close()
     report["validation"] = {
         "source": ev.source, "prompts": len(ev.prompts), "stream_tokens": len(ev.stream),
         "scored_tokens": kld.scored if kld else 0, "n_ctx": kld.n_ctx if kld else None,
@@ -684,6 +843,57 @@ def _references(job: ExportJob, base_dir: Path, merged: Path, work: Path, ev, in
                      "computed in fp32 by transformers",
     }
     return refs
+
+
+MERGE_FIGURES = ("kl_divergence", "same_top", "agreement", "identical", "stop_rate", "perplexity", "ln_ppl_ratio")
+
+
+def _choose_merge(ex: _Export, refs: dict, ev, bases: list[str], first: tuple[Path, Path],
+                  second: tuple[Path, Path]) -> str:
+    """--merge-base auto: the 16-bit GGUF of each merge measured against the training-time
+    model through the verification harness (KL divergence on the validation stream, greedy
+    agreement on the prompts); the closer one (lower KL; without a KL figure, higher
+    agreement; on a tie the first) ends up in ``first``'s paths. Returns its base."""
+    t0 = time.time()
+    check = _checker(ex, ev, refs)
+    o = ex.job.options
+    measured = {}
+    for base, (_, gguf) in zip(bases, (first, second), strict=True):
+        c = check(gguf, o.outtype, "trained", label=f"{base} merge ({gguf.name})")
+        measured[base] = {k: getattr(c, k) for k in MERGE_FIGURES}
+
+    def key(base: str) -> tuple:
+        f = measured[base]
+        kl = f["kl_divergence"]
+        return (kl if kl is not None else float("inf"), -(f["agreement"] or 0.0))
+
+    chosen = min(bases, key=key)  # min() keeps the first on a tie
+    other = next(b for b in bases if b != chosen)
+    a, b = measured[chosen], measured[other]
+    if a["kl_divergence"] is not None and b["kl_divergence"] is not None:
+        why = (f"KL divergence to the training-time model {a['kl_divergence']:.4g} vs {b['kl_divergence']:.4g} "
+               f"({other})")
+    else:
+        why = f"greedy agreement with the training-time model {a['agreement']:.0%} vs {b['agreement']:.0%} ({other})"
+    if chosen != bases[0]:
+        shutil.rmtree(first[0])
+        os.replace(second[0], first[0])
+        os.replace(second[1], first[1])
+    else:
+        shutil.rmtree(second[0])
+        second[1].unlink()
+    rec = ex.report["merge"]
+    made = {m["base"]: m for m in rec["made"]}
+    rec.update(made[chosen])
+    rec["candidates"] = measured
+    rec["chosen"] = chosen
+    rec["why"] = why
+    rec["measured_on"] = (f"the 16-bit GGUF of each merge against the training-time model: "
+                          f"{refs['trained'].kld.scored if refs['trained'].kld else 0} validation tokens, "
+                          f"{len(ev.prompts)} greedy generations")
+    ex.timings["merge base choice"] = round(time.time() - t0, 2)
+    _step(f"merge base: kept {chosen}, {why}", t0)
+    return chosen
 
 
 def _figures(c) -> str:
@@ -743,7 +953,14 @@ def _tolerance() -> dict:
 
 def _write_modelfile_and_readme(job, work, main, out, renderer, tok, end_tokens, info, tools,
                                 lora_file, base_gguf, report, mmproj=None) -> None:
-    from .modelfile import check_parts, derive_parts, go_template, modelfile_text, readme_text
+    from .modelfile import (
+        check_parts,
+        derive_parts,
+        go_template,
+        modelfile_text,
+        pick_file,
+        readme_text,
+    )
 
     template, exact, system = None, False, None
     try:
@@ -760,13 +977,19 @@ def _write_modelfile_and_readme(job, work, main, out, renderer, tok, end_tokens,
                                  system, mmproj=mmproj.name if mmproj else None), encoding="utf-8")
     files = [(p.name, k["kind"], p.stat().st_size) for p in out.final
              for k in report["files"] if k["file"] == p.name]
+    published = [p.name for p in out.final]
+    kl = {f["file"]: f.get("kl_divergence") for f in report["files"]}
+    imx = {f["file"]: f["imatrix"] for f in report["files"] if f.get("imatrix") is not None}
+    pick = pick_file(report["files"], published) if job.options.verify else None
+    report["recommended"] = pick
     readme = work / "README.md"
     readme.write_text(readme_text(name=job.name, files=files, main=main.name,
                                   lora=lora_file.name if lora_file else None,
                                   base_gguf=base_gguf.name if (base_gguf and job.options.keep_intermediate) else None,
                                   template_exact=exact, end_tokens=end_tokens, bin_dir=tools.bin_dir,
                                   report=REPORT, verified=job.options.verify,
-                                  mmproj=mmproj.name if mmproj else None), encoding="utf-8")
+                                  mmproj=mmproj.name if mmproj else None, kl=kl, imatrix=imx, pick=pick),
+                      encoding="utf-8")
     report["modelfile"] = {"template_matches_chat_template": exact, "stop": end_tokens}
     out.final += [mf, readme]
 

@@ -12,6 +12,36 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.0%}"
 
 
+def _kl(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2g}" if x < 0.01 else f"{x:.3f}"
+
+
+def _imatrix_cell(f: dict) -> str:
+    """'yes -23%': made with the matrix, KL change against the same type without it."""
+    if f.get("imatrix") is None:
+        return ""
+    change = f.get("imatrix_kl_change")
+    if f.get("imatrix"):
+        return "yes" + ("" if change is None else f" {change:+.0%}")
+    if "with_imatrix" in f:
+        return f"no ({change:+.0%} with)" if change is not None else "no"
+    return "no"
+
+
+def merge_choice_lines(m: dict) -> list[str]:
+    """The measured merge bases, in words (--merge-base auto)."""
+    cands = m.get("candidates") or {}
+    if not cands:
+        return []
+    parts = []
+    for base, f in cands.items():
+        kl = "-" if f.get("kl_divergence") is None else f"{f['kl_divergence']:.3g}"
+        agree = "-" if f.get("agreement") is None else f"{f['agreement']:.0%}"
+        parts.append(f"{base}: KL {kl}, greedy agreement {agree}")
+    return [f"Merge base measured against the training-time model ({'; '.join(parts)}): kept "
+            f"[bold]{m.get('chosen')}[/]."]
+
+
 def _ppl(x: float | None) -> str:
     if x is None:
         return "-"
@@ -27,17 +57,17 @@ def print_summary(report: dict[str, Any], output: Path) -> None:
               title_justify="left")
     t.add_column("file", no_wrap=True)
     t.add_column("type", no_wrap=True)
-    for col in ("size", "agree", "same top", "perplexity", "stop"):
+    for col in ("size", "agree", "same top", "KL div", "perplexity", "stop", "imatrix"):
         t.add_column(col, justify="right", no_wrap=True)
-    outtype = report.get("inputs", {}).get("outtype", "16-bit")
-    t.add_row(f"merged HF model ({outtype} weights)", "reference", "", "", "", _ppl(v.get("reference_perplexity")),
-              _pct(v.get("reference_stop_rate")))
+    outtype = (report.get("outtype") or {}).get("chosen") or report.get("inputs", {}).get("outtype", "16-bit")
+    t.add_row(f"merged HF model ({outtype} weights)", "reference", "", "", "", "", _ppl(v.get("reference_perplexity")),
+              _pct(v.get("reference_stop_rate")), "")
     remarks = []
     for f in report.get("files", []):
         published = f["file"] in report.get("outputs", [])
         t.add_row(f["file"] + ("" if published else " *"), f["kind"], human_bytes(f["size"]),
                   _pct(f.get("agreement")), "-" if f.get("same_top") is None else f"{f['same_top']:.1%}",
-                  _ppl(f.get("perplexity")), _pct(f.get("stop_rate")))
+                  _kl(f.get("kl_divergence")), _ppl(f.get("perplexity")), _pct(f.get("stop_rate")), _imatrix_cell(f))
         if f.get("fallbacks"):
             names = ", ".join(sorted({x["tensor"] for x in f["fallbacks"]})[:6])
             remarks.append(f"{f['file']}: {len(f['fallbacks'])} tensor(s) quantized to a fallback type "
@@ -56,6 +86,14 @@ def print_summary(report: dict[str, Any], output: Path) -> None:
     for r in remarks:
         console.print(r)
     m = report.get("merge", {})
+    for line in merge_choice_lines(m):
+        console.print(line)
+    imx = report.get("imatrix") or {}
+    if imx.get("used"):
+        console.print(f"Importance matrix: {imx.get('source')}"
+                      + (f", {imx['rows']} rows, {imx['chunks']} chunks of {imx['n_ctx']} tokens" if imx.get("chunks")
+                         else "") + "; 'imatrix' gives the KL divergence change against the same type quantized "
+                      "without it, on the same tokens.")
     chk = m.get("check", {})
     if "max_abs_logit_diff" in chk:
         console.print(f"Merge ({m.get('base_used')}): max logit difference {chk['max_abs_logit_diff']:.3g} "

@@ -327,7 +327,10 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def check_gguf(runner: LlamaRunner, gguf: Path, kind: str, ref: Reference, *, max_new: int,
                n_ctx: int, workdir: Path, lora: Path | None = None, label: str | None = None,
-               on_step: Callable[[str], None] | None = None) -> GGUFCheck:
+               on_step: Callable[[str], None] | None = None, scores_only: bool = False) -> GGUFCheck:
+    """Tokenization, perplexity / KL divergence / same top, and greedy generations of one
+    GGUF against ``ref``. ``scores_only``: the perplexity run alone (a variant of a file whose
+    vocabulary is already checked, measured for comparison)."""
     t0 = time.time()
     target = lora or gguf
     chk = GGUFCheck(label or target.name, kind, target.stat().st_size, ref_stop_rate=ref.stop_rate,
@@ -336,13 +339,15 @@ def check_gguf(runner: LlamaRunner, gguf: Path, kind: str, ref: Reference, *, ma
     problems = []
     llama_ids = []
     for i, (text, ids) in enumerate(zip(ref.prompts, ref.prompt_ids, strict=True)):
+        if scores_only:
+            break
         got = runner.tokenize(gguf, text)
         llama_ids.append(got)
         if got != ids:
             j = common_prefix(got, ids)
             problems.append(f"prompt {i + 1}: llama.cpp gives {len(got)} tokens, Hugging Face {len(ids)}; "
                             f"first difference at token {j}: llama.cpp {got[j:j + 6]} vs HF {ids[j:j + 6]}")
-    chk.tokenization_ok = not problems
+    chk.tokenization_ok = None if scores_only else not problems
     chk.tokenization_problems = problems
     if on_step:
         on_step("tokenization")
@@ -358,6 +363,9 @@ def check_gguf(runner: LlamaRunner, gguf: Path, kind: str, ref: Reference, *, ma
         chk.scored_tokens = ref.kld.scored
     if on_step:
         on_step("perplexity")
+    if scores_only:
+        chk.seconds = round(time.time() - t0, 2)
+        return chk
     # 3. greedy generations, compared token by token
     agreed, identical, stops = [], 0, []
     for i, text in enumerate(ref.prompts):

@@ -181,6 +181,11 @@ class ExportedFile:
     ref_stop_rate: float | None = None
     tokenization_ok: bool | None = None  # llama.cpp tokenizes the prompts as transformers does
     base_gguf: str | None = None  # a GGUF LoRA: the base GGUF it was checked on
+    ppl_ratio: float | None = None  # perplexity / the reference's
+    imatrix: bool | None = None  # quantized with the importance matrix (None: a type that ignores it)
+    without_imatrix: dict[str, Any] | None = None  # the same type without it, on the same tokens
+    imatrix_kl_change: float | None = None  # KL with / KL without - 1 (negative: the matrix helped)
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)  # tensors llama.cpp gave another type
     extra: dict[str, Any] = field(default_factory=dict)  # the report's other keys for this file
 
     @classmethod
@@ -205,7 +210,9 @@ class ExportReport:
     files: list[ExportedFile] = field(default_factory=list)  # every GGUF made, intermediate ones too
     outputs: list[str] = field(default_factory=list)  # the names kept in the output directory
     validation: dict[str, Any] = field(default_factory=dict)  # prompts, reference perplexity, ...
-    merge: dict[str, Any] = field(default_factory=dict)
+    merge: dict[str, Any] = field(default_factory=dict)  # base used; QLoRA: "candidates", "chosen", "why"
+    imatrix: dict[str, Any] = field(default_factory=dict)  # the importance matrix: used, source, chunks
+    recommended: str | None = None  # the smallest file within KL 0.05 of the 16-bit model
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # what the numbers say is broken
     timings: dict[str, float] = field(default_factory=dict)  # seconds per step
@@ -266,7 +273,8 @@ def export(run: Run | str | os.PathLike | None = None, quant: str | Sequence[str
     ``quant``: one type or several (q4_k_m, q8_0, ...; default: the run's ``export.quant``,
     q4_k_m); ``output``: default ``RUN/export``. ``options`` as the flags: ``best``,
     ``force``, ``name``, ``prompts``, ``verify_prompts``, ``max_new_tokens``, ``eval_tokens``,
-    ``threads``, ``no_verify``, and the config's export settings (``outtype``, ``merge_base``,
+    ``threads``, ``no_verify``, and the config's export settings (``outtype``, ``merge_base``
+    = "auto" / "dequantized" / "original", ``imatrix`` = "auto" / "off" / a file,
     ``lora_gguf``, ``llama_cpp``, ``keep_intermediate``). Without ``run``: ``adapter=DIR,
     model=BASE`` exports a PEFT adapter made elsewhere."""
     from export.job import ExportOptions, resolve_job

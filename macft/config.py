@@ -33,8 +33,10 @@ FORMAT_CHOICES = ("auto", "chat", "sharegpt", "instruction", "completion", "text
 LOSS_ON_CHOICES = ("assistant", "last_assistant", "all")
 SCHEDULE_CHOICES = ("cosine", "linear", "constant")
 PRECISION_CHOICES = ("auto", "bf16", "fp32", "fp16")
-QUANT_TYPES = ("q4_k_m", "q4_0", "q4_k_s", "q5_k_m", "q6_k", "q8_0", "f16", "bf16")
-MERGE_BASE_CHOICES = ("trained", "original")
+QUANT_TYPES = ("q4_k_m", "q4_0", "q4_k_s", "q5_k_m", "q6_k", "q8_0", "f16", "bf16",
+               "q3_k_m", "q2_k", "iq4_xs", "iq3_m")
+# "trained" is the name older runs saved for "dequantized".
+MERGE_BASE_CHOICES = ("auto", "dequantized", "original", "trained")
 
 # Every attention and MLP projection of the architectures we support; "all-linear"
 # resolves to the ones the model actually has.
@@ -138,9 +140,14 @@ class ExportConfig:
     outtype: Literal["auto", "bf16", "f16"] = opt(
         "auto", "Type of the 16-bit GGUF converted from the merged model; auto: f16 when every weight "
         "fits its range (more precise), else bf16.")
-    merge_base: Literal["trained", "original"] = opt(
-        "trained", "QLoRA adapters: merge into the base as training saw it (dequantized), "
-        "or into the original 16-bit weights.")
+    merge_base: Literal["auto", "dequantized", "original", "trained"] = opt(
+        "auto", "QLoRA adapters: merge into the base as training saw it (dequantized), into the "
+        "original 16-bit weights, or auto: both, measured against the training-time model on the "
+        "validation data, keeping the closer ('trained' = dequantized).")
+    imatrix: str = opt(
+        "auto", "Importance matrix for the K- and i-quants: auto (computed with llama-imatrix from "
+        "the run's own training conversations), a file made by llama-imatrix, or off "
+        "(--no-imatrix).")
     lora_gguf: bool = opt(False, "Also write the adapter alone as a GGUF LoRA.")
     llama_cpp: Optional[str] = opt(
         None, "Your own llama.cpp checkout (with built tools) instead of the pinned one.")
