@@ -16,7 +16,8 @@ report says so).
 
 Bounded: at most :data:`MAX_CHUNKS` chunks of up to :data:`MAX_CTX` tokens (rows are
 shuffled with a fixed seed before the cut, so a large data set is sampled, not truncated
-to its first rows).
+to its first rows), and about :data:`MAX_SECONDS`: when llama-imatrix's first pass predicts
+more (a 4B model on a CPU), it is stopped and run again over the chunks that fit.
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def compute(tools: LlamaCpp, gguf: Path, plan: ImatrixPlan, renderer: Any, work:
             threads: int = 0, say=None) -> tuple[Imatrix | None, str | None]:
     """Run llama-imatrix over the run's rows on the 16-bit GGUF; (matrix, None) or (None, why
     not) when the data is too small for one chunk."""
-    from macft.ui import console, task_progress
+    from macft.ui import console
 
     say = say or console.print
     budget = MAX_CHUNKS * MAX_CTX + MAX_CTX
@@ -204,19 +205,58 @@ def compute(tools: LlamaCpp, gguf: Path, plan: ImatrixPlan, renderer: Any, work:
     data.write_text("".join(t if t.endswith("\n") else t + "\n" for t in texts), encoding="utf-8")
     out = work / f"{name}-imatrix.gguf"
     tmp = out.with_name(out.name + ".tmp.gguf")
+    n_seq = max(1, BATCH // n_ctx)  # llama-imatrix evaluates n_seq chunks per pass
+    t0 = time.time()
+    res = _imatrix_run(tools, gguf, tmp, work, n_ctx, n_chunks, n_seq, rows, threads)
+    if res.too_slow is not None:
+        # the first pass said the whole run would take far longer than the budget: start
+        # again with the chunks that fit (the first pass is lost, a few seconds)
+        n_chunks = max(n_seq, int(n_chunks * MAX_SECONDS / res.too_slow) // n_seq * n_seq)
+        say(f"importance matrix: {_duration(res.too_slow)} for all chunks is more than the "
+            f"{_duration(MAX_SECONDS)} budget; using {n_chunks} chunks")
+        res = _imatrix_run(tools, gguf, tmp, work, n_ctx, n_chunks, n_seq, rows, threads, budget_check=False)
+    if res.rc != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise ToolError(res.cmd, res.log[-4000:], "llama-imatrix could not compute the importance matrix. "
+                        "Export with --no-imatrix to skip it, and report it with --debug output.")
+    os.replace(tmp, out)
+    data.unlink(missing_ok=True)
+    seconds = time.time() - t0
+    say(f"[green]✓[/] importance matrix from {source}: {rows} rows, {n_chunks} chunks of {n_ctx} tokens "
+        f"[dim]({seconds:.1f} s)[/]")
+    return Imatrix(out, source, n_chunks, n_ctx, tokens, rows, res.ppl, seconds), None
+
+
+BATCH = 2048  # llama-imatrix -b: chunks of n_ctx tokens evaluated together
+MAX_SECONDS = 600  # the time budget; fewer chunks when the first pass predicts more
+
+
+@dataclass
+class _Run:
+    cmd: list[str]
+    rc: int
+    log: str
+    ppl: float | None
+    too_slow: float | None  # the predicted seconds, when over the budget and the run was stopped
+
+
+def _imatrix_run(tools: LlamaCpp, gguf: Path, tmp: Path, work: Path, n_ctx: int, n_chunks: int, n_seq: int,
+                 rows: int, threads: int, budget_check: bool = True) -> _Run:
+    from macft.ui import task_progress
+
     # relative names: llama-quantize copies them into the GGUF's metadata (no local paths)
     cmd = [str(tools.tool(IMATRIX_TOOL)), "-m", str(gguf.resolve()), "-f", DATA_NAME, "-o", tmp.name,
-           "-c", str(n_ctx), "--chunks", str(n_chunks), "--parse-special",
+           "-c", str(n_ctx), "-b", str(max(BATCH, n_ctx)), "--chunks", str(n_chunks), "--parse-special",
            "--output-frequency", str(10 ** 6)]
     if threads:
         cmd += ["-t", str(threads)]
-    t0 = time.time()
     log: list[str] = []
     ppl: list[float] = []
+    stop = threading.Event()
+    predicted: list[float] = []
     with task_progress(transient=True) as prog:
         task = prog.add_task(f"importance matrix: {rows} rows, {n_chunks} chunks of {n_ctx} tokens "
                              "(llama-imatrix)", total=n_chunks)
-
         tails = {0: "", 1: ""}
 
         def on_text(which: int, piece: str) -> None:
@@ -226,35 +266,32 @@ def compute(tools: LlamaCpp, gguf: Path, plan: ImatrixPlan, renderer: Any, work:
             for m in _CHUNK.finditer(text):
                 prog.update(task, completed=min(n_chunks, int(m.group(1))))
             m = _ETA.search(text)
-            if m:
-                eta = float(m.group(1)) * n_chunks
+            if m and not predicted:
+                eta = float(m.group(1)) * n_chunks / n_seq
+                predicted.append(eta)
+                if budget_check and eta > 1.25 * MAX_SECONDS and n_chunks > n_seq:
+                    stop.set()
                 prog.update(task, description=f"importance matrix: {n_chunks} chunks of {n_ctx} tokens, "
                                               f"about {_duration(eta)} (llama-imatrix)")
             f = _FINAL.search(text)
             if f:
                 ppl.append(float(f.group(1)))
 
-        rc = _run_streaming(cmd, work, on_text)
-    full = "".join(log)
-    if rc != 0 or not tmp.is_file():
+        rc = _run_streaming(cmd, work, on_text, stop)
+    if stop.is_set():
         tmp.unlink(missing_ok=True)
-        raise ToolError(cmd, full[-4000:], "llama-imatrix could not compute the importance matrix. "
-                        "Export with --no-imatrix to skip it, and report it with --debug output.")
-    os.replace(tmp, out)
-    data.unlink(missing_ok=True)
-    seconds = time.time() - t0
-    say(f"[green]✓[/] importance matrix from {source}: {rows} rows, {n_chunks} chunks of {n_ctx} tokens "
-        f"[dim]({seconds:.1f} s)[/]")
-    return Imatrix(out, source, n_chunks, n_ctx, tokens, rows, ppl[-1] if ppl else None, seconds), None
+        return _Run(cmd, rc, "".join(log), None, predicted[0])
+    return _Run(cmd, rc, "".join(log), ppl[-1] if ppl else None, None)
 
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
-def _run_streaming(cmd: list[str], cwd: Path, on_text) -> int:
+def _run_streaming(cmd: list[str], cwd: Path, on_text, stop: threading.Event | None = None) -> int:
     """Run ``cmd`` in ``cwd``, handing stdout (0) and stderr (1) to ``on_text(which, text)``
-    as they arrive (llama-imatrix prints its per-chunk progress without newlines)."""
+    as they arrive (llama-imatrix prints its per-chunk progress without newlines); killed
+    when ``stop`` is set."""
     try:
         p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except OSError as e:
@@ -273,7 +310,13 @@ def _run_streaming(cmd: list[str], cwd: Path, on_text) -> int:
     for t in threads:
         t.start()
     try:
-        rc = p.wait()
+        while True:
+            try:
+                rc = p.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if stop is not None and stop.is_set():
+                    p.kill()
     except BaseException:
         p.kill()
         p.wait()

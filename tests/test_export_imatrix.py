@@ -248,3 +248,28 @@ def test_report_cells_and_the_recommended_file():
                                                "original": {"kl_divergence": 0.02, "agreement": 0.7}},
                                 "chosen": "dequantized"})
     assert "original: KL 0.02, greedy agreement 70%" in lines[0] and "kept [bold]dequantized" in lines[0]
+
+
+@pytest.mark.slow
+def test_time_budget_cuts_the_chunks(tiny_gemma, llama_tools, tmp_path, monkeypatch):
+    """When llama-imatrix's first pass predicts more than the budget, it is stopped and run
+    again over the chunks that fit (here: one pass)."""
+    import export.imatrix as imatrix_mod
+    from export.convert import convert_model
+    from export.imatrix import ImatrixPlan, compute
+    from macft.data.dataset import load_samples
+    from macft.data.render import Renderer
+    from macft.data.tokenizer import load_tokenizer
+
+    gguf = tmp_path / "tiny-f16.gguf"
+    convert_model(llama_tools, tiny_gemma, gguf, "f16")
+    _, rows = load_samples(str(NYA / "train.jsonl"))
+    renderer = Renderer(load_tokenizer(str(tiny_gemma)))
+    said = []
+    monkeypatch.setattr(imatrix_mod, "MAX_SECONDS", 1e-6)
+    imx, why = compute(llama_tools, gguf, ImatrixPlan("data", samples=rows, source="nya"), renderer, tmp_path,
+                       "tiny", say=said.append)
+    assert why is None and imx.path.is_file() and not list(tmp_path.glob("*.tmp*"))
+    n_seq = imatrix_mod.BATCH // imx.n_ctx
+    assert imx.chunks == n_seq < imx.tokens // imx.n_ctx
+    assert any("budget" in s and f"using {n_seq} chunks" in s for s in said)
