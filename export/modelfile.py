@@ -174,15 +174,23 @@ def modelfile_text(gguf_name: str, template: str | None, end_tokens: list[str], 
     return "\n".join(lines) + "\n"
 
 
-# The KL divergence (to the 16-bit model, on the validation tokens) below which the README
-# recommends a file: llama.cpp's own figures put q4_k_m of LLaMA-3-8B at 0.03 and q8_0 at 0.001.
+# What the README recommends: the smallest file within this KL divergence (to the 16-bit
+# model, on the validation tokens; llama.cpp's own q4_k_m of LLaMA-3-8B measures 0.03) that
+# still picks the reference's next token PICK_SAME_TOP of the time and ends its answers about
+# as often (PICK_STOP of the reference's stop rate).
 PICK_KL = 0.05
+PICK_SAME_TOP = 0.90
+PICK_STOP = 0.9
 
 
 def pick_file(files: list[dict], outputs: list[str]) -> str | None:
-    """The smallest published GGUF whose measured KL divergence is at most PICK_KL."""
-    ok = [f for f in files if f["file"] in outputs and f.get("kind") != "lora"
-          and f.get("kl_divergence") is not None and f["kl_divergence"] <= PICK_KL]
+    """The smallest published GGUF that meets the PICK_* figures (None: none measured does)."""
+    def good(f: dict) -> bool:
+        kl, top, stop, ref = f.get("kl_divergence"), f.get("same_top"), f.get("stop_rate"), f.get("ref_stop_rate")
+        return (kl is not None and kl <= PICK_KL and top is not None and top >= PICK_SAME_TOP
+                and (stop is None or not ref or stop >= PICK_STOP * ref))
+
+    ok = [f for f in files if f["file"] in outputs and f.get("kind") != "lora" and good(f)]
     return min(ok, key=lambda f: f["size"])["file"] if ok else None
 
 
@@ -217,10 +225,12 @@ def readme_text(*, name: str, files: list[tuple[str, str, int]], main: str, lora
         "|---|---|---|---|---|",
         rows,
         "",
-        *(["**Which file:** the smaller the file, the more its answers drift from the fine-tune, and the "
-           "KL divergence column measures that drift on your validation data (0 = identical; below about "
-           f"{PICK_KL} answers rarely change). Take the smallest file whose drift you accept, here "
-           f"`{pick}`, or `q8_0` when memory allows.", ""] if pick else []),
+        *(["**Which file:** the smaller the file, the further its answers drift from the fine-tune, and "
+           "the KL divergence column measures that drift on your validation data (0 = identical; "
+           "llama.cpp's own q4_k_m of Llama-3-8B measures about 0.03). Take the smallest file whose "
+           f"drift you accept, here `{pick}` (the smallest within KL {PICK_KL} that picks the same next "
+           f"token at least {PICK_SAME_TOP:.0%} of the time and ends its answers as often as the 16-bit "
+           "model), or `q8_0` when memory allows.", ""] if pick else []),
         "## llama.cpp",
         "",
         "```sh",

@@ -106,8 +106,12 @@ def test_llama_cpp_answers_from_each_file_and_stops(auto_export, qlora_run):
         assert f["tokenization_ok"] and f["generations"] == 6 and f["stop_rate"] >= 0.5
         assert any(s["stopped"] and s["llama_cpp"].strip() for s in f["samples"])
     readme = (out / "README.md").read_text()
-    assert "| KL divergence | importance matrix |" in readme and "**Which file:**" in readme
-    assert report["recommended"] in report["outputs"]
+    assert "| KL divergence | importance matrix |" in readme
+    from export.modelfile import pick_file
+
+    assert report["recommended"] == pick_file(report["files"], report["outputs"])
+    if report["recommended"]:
+        assert report["recommended"] in report["outputs"] and "**Which file:**" in readme
     # the library API reads the new figures as typed fields
     from macft.api import ExportReport
 
@@ -239,11 +243,16 @@ def test_report_cells_and_the_recommended_file():
     assert _imatrix_cell({"imatrix": True, "imatrix_kl_change": -0.23}) == "yes -23%"
     assert _imatrix_cell({"imatrix": False, "with_imatrix": {}, "imatrix_kl_change": 0.1}) == "no (+10% with)"
     assert _imatrix_cell({"kind": "bf16"}) == ""
-    files = [{"file": "a-q8_0.gguf", "kind": "q8_0", "size": 900, "kl_divergence": 0.001},
-             {"file": "a-q4_k_m.gguf", "kind": "q4_k_m", "size": 500, "kl_divergence": 0.03},
-             {"file": "a-q2_k.gguf", "kind": "q2_k", "size": 300, "kl_divergence": 0.2}]
-    assert pick_file(files, [f["file"] for f in files]) == "a-q4_k_m.gguf"
-    assert pick_file(files[2:], ["a-q2_k.gguf"]) is None
+    def f(name, size, kl, top=0.95, stop=1.0):
+        return {"file": name, "kind": name.split("-")[1], "size": size, "kl_divergence": kl, "same_top": top,
+                "stop_rate": stop, "ref_stop_rate": 1.0}
+
+    files = [f("a-q8_0", 900, 0.001), f("a-q4_k_m", 500, 0.03), f("a-q2_k", 300, 0.2),
+             f("a-iq3_m", 350, 0.04, top=0.85), f("a-q3_k_m", 400, 0.04, stop=0.5)]
+    # q2_k drifts too far, iq3_m picks other tokens too often, q3_k_m stops too rarely
+    assert pick_file(files, [x["file"] for x in files]) == "a-q4_k_m"
+    assert pick_file(files, ["a-q8_0"]) == "a-q8_0"  # only published files
+    assert pick_file(files[2:], [x["file"] for x in files]) is None
     lines = merge_choice_lines({"candidates": {"dequantized": {"kl_divergence": 1e-5, "agreement": 1.0},
                                                "original": {"kl_divergence": 0.02, "agreement": 0.7}},
                                 "chosen": "dequantized"})
