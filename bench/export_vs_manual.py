@@ -202,14 +202,9 @@ last column reads the token type of `<end_of_turn>` in the quantized GGUF (3 = c
 
 
 def write_results(text: str) -> None:
-    path = REPO / "bench" / "RESULTS.md"
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    head = f"## {SECTION}"
-    if head in old:
-        start = old.index(head)
-        nxt = old.find("\n## ", start + len(head))
-        old = old[:start].rstrip("\n") + "\n\n" + (old[nxt + 1:] if nxt >= 0 else "")
-    path.write_text(old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")
+    from results_file import write_section
+
+    write_section(SECTION, text)
 
 
 def main() -> None:

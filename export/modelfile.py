@@ -207,7 +207,7 @@ def readme_text(*, name: str, files: list[tuple[str, str, int]], main: str, lora
 
     def _kl(f: str) -> str:
         x = kl.get(f)
-        return "-" if x is None else f"{x:.2g}" if x < 0.01 else f"{x:.3f}"
+        return "-" if x is None else f"{max(x, 0.0):.2g}" if x < 0.01 else f"{x:.3f}"
 
     def _imx(f: str) -> str:
         return {True: "yes", False: "no"}.get(imatrix.get(f), "-")  # type: ignore[arg-type]

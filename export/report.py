@@ -13,7 +13,7 @@ def _pct(x: float | None) -> str:
 
 
 def _kl(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2g}" if x < 0.01 else f"{x:.3f}"
+    return "-" if x is None else f"{max(x, 0.0):.2g}" if x < 0.01 else f"{x:.3f}"
 
 
 def _imatrix_cell(f: dict) -> str:

@@ -100,6 +100,7 @@ class GGUFCheck:
     ref_perplexity: float | None = None
     ln_ppl_ratio: float | None = None
     kl_divergence: float | None = None
+    kl_divergence_err: float | None = None  # llama-perplexity's uncertainty of the mean
     same_top: float | None = None
     scored_tokens: int = 0
     seconds: float = 0.0
@@ -301,16 +302,25 @@ def _chunk_count(base_file: Path) -> int:
     return struct.unpack("<Iii", head[8:20])[2]
 
 
+_MEAN_KLD = re.compile(rf"^Mean\s+KLD:\s+{_NUM}\s+±\s+{_NUM}\s*$", re.M)
+
+
 def parse_kld(text: str, cmd: list[str]) -> dict[str, float]:
-    """Cumulative figures from the last chunk line of ``llama-perplexity --kl-divergence``."""
+    """Cumulative figures from the last chunk line of ``llama-perplexity --kl-divergence``;
+    the KL divergence and its uncertainty from the final "Mean KLD" line when it is there
+    (6 decimals instead of the chunk line's 5: KL divergences of 1e-4 are common)."""
     rows = _CHUNK_LINE.findall(text)
     if not rows:
         raise ToolError(cmd, text[-3000:], "llama-perplexity printed no KL-divergence results; "
                         "the output format of this llama.cpp may differ from the pinned one.")
     r = rows[-1]
     f = [float(x) for x in r[1:]]
-    return {"chunks": int(r[0]), "ppl": f[0], "ln_ppl_ratio": f[2], "kld": f[4],
-            "dp_rms": f[6] / 100, "same_top": f[8] / 100}
+    out = {"chunks": int(r[0]), "ppl": f[0], "ln_ppl_ratio": f[2], "kld": f[4], "kld_err": f[5],
+           "dp_rms": f[6] / 100, "same_top": f[8] / 100, "same_top_err": f[9] / 100}
+    m = _MEAN_KLD.findall(text)
+    if m:
+        out["kld"], out["kld_err"] = float(m[-1][0]), float(m[-1][1])
+    return out
 
 
 # --------------------------------------------------------------------------- comparing
@@ -359,7 +369,7 @@ def check_gguf(runner: LlamaRunner, gguf: Path, kind: str, ref: Reference, *, ma
         chk.perplexity = r["ppl"]
         if ref.ppl and r["ppl"] > 0:
             chk.ln_ppl_ratio = float(np.log(r["ppl"]) - np.log(ref.ppl))
-        chk.kl_divergence, chk.same_top = r["kld"], r["same_top"]
+        chk.kl_divergence, chk.kl_divergence_err, chk.same_top = r["kld"], r["kld_err"], r["same_top"]
         chk.scored_tokens = ref.kld.scored
     if on_step:
         on_step("perplexity")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from export.imatrix import MAX_CTX, MIN_CTX, context_for, plan_imatrix, render_rows
+from export.pipeline import IMATRIX_MARGIN_SIGMA
 from export.quantize import IMATRIX_TYPES, NEEDS_IMATRIX, parse_quant_types
 from macft.errors import MacftError
 
@@ -65,11 +66,13 @@ def test_imatrix_from_the_runs_data_for_both_files(auto_export, qlora_run):
         assert w["kl_divergence"] is not None and w["scored_tokens"] == f["scored_tokens"] > 0
         assert f["imatrix_kl_change"] == pytest.approx(
             (f.get("with_imatrix") or f)["kl_divergence"] / w["kl_divergence"] - 1, rel=1e-6)
-        # the published file is the one measured closer to the 16-bit model
-        published_kl = f["kl_divergence"]
-        assert published_kl <= max(w["kl_divergence"], (f.get("with_imatrix") or f)["kl_divergence"])
-        if f["imatrix"]:
-            assert published_kl <= w["kl_divergence"]
+        # the plain file replaces the imatrix one only when clearly closer to the 16-bit model
+        with_ = f.get("with_imatrix") or f
+        sigma = (with_["kl_divergence_err"] ** 2 + w["kl_divergence_err"] ** 2) ** 0.5
+        assert sigma > 0 and f["imatrix_kl_change_sigma"] == pytest.approx(
+            (with_["kl_divergence"] - w["kl_divergence"]) / sigma, abs=0.01)
+        clearly_better_without = w["kl_divergence"] + IMATRIX_MARGIN_SIGMA * sigma < with_["kl_divergence"]
+        assert f["imatrix"] is (not clearly_better_without)
         assert f["ppl_ratio"] > 0
     # the matrix really went into the file: llama-quantize records it in the GGUF
     from export.gguf_info import read_gguf
@@ -89,7 +92,9 @@ def test_both_merge_bases_measured_and_the_closer_kept(auto_export):
     for figures in m["candidates"].values():
         assert figures["kl_divergence"] is not None and figures["agreement"] is not None
     kl = {b: f["kl_divergence"] for b, f in m["candidates"].items()}
-    assert m["chosen"] == min(kl, key=lambda b: (kl[b], b != "dequantized"))
+    err = {b: f["kl_divergence_err"] for b, f in m["candidates"].items()}
+    clearly = kl["original"] + IMATRIX_MARGIN_SIGMA * (err["original"] ** 2 + err["dequantized"] ** 2) ** 0.5
+    assert m["chosen"] == ("original" if clearly < kl["dequantized"] else "dequantized")
     # the dequantized merge is the training-time model up to rounding; the original is not
     assert kl["dequantized"] < 1e-3 < kl["original"]
     assert m["base"] == m["chosen"] and "NF4" in m["base_used"]

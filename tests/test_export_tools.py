@@ -76,7 +76,11 @@ def test_kl_divergence_output_and_session_file_are_read(tmp_path):
             "1.234 ±  0.100 %    97.500 ±  0.500 %\n")
     r = parse_kld(text, ["llama-perplexity"])
     assert r["ppl"] == pytest.approx(12.3456) and r["same_top"] == pytest.approx(0.975)
-    assert r["kld"] == pytest.approx(0.00456)
+    assert r["kld"] == pytest.approx(0.00456) and r["kld_err"] == pytest.approx(0.00012)
+    # the final summary line has one more decimal: it wins when llama.cpp printed it
+    r = parse_kld(text + "\n====== KL divergence statistics ======\nMean    KLD:   0.004563 ±   0.000118\n",
+                  ["llama-perplexity"])
+    assert r["kld"] == pytest.approx(0.004563) and r["kld_err"] == pytest.approx(0.000118)
     p = tmp_path / "s.bin"
     p.write_bytes(struct.pack("<III", 0x6767736E, 10, 3) + struct.pack("<3i", 2, 4, 5) + b"state")
     assert read_session_tokens(p) == [2, 4, 5]
