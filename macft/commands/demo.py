@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
     p.add_argument("--backend", choices=["auto", "mlx", "cuda"], default="auto",
                    help="Training backend (default auto: MLX on Apple silicon, else PyTorch).")
-    p.add_argument("--iters", type=int, default=150, metavar="N", help="LoRA training steps (default 150).")
+    p.add_argument("--iters", type=int, default=250, metavar="N", help="LoRA training steps (default 250).")
     p.add_argument("--base-steps", type=int, default=150, metavar="N",
                    help="Steps of the full fine-tune that gives the random base its general knowledge.")
 
