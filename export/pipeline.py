@@ -123,7 +123,7 @@ def _check_up_front(job: ExportJob) -> tuple[Path, ModelInfo, Any, Any, str, int
     info = read_model_info(base_dir)
     if job.run is not None:
         job.run.check_base(base_dir, force=o.force, other_base_hint=" with --model BASE")
-    plan = plan_merge(base_dir, job.adapter_dir, job.merge_quant)  # checks the base and the adapter
+    plan = plan_merge(base_dir, job.adapter_dir, job.merge_quant(job.merge_bases[0]))  # checks base and adapter
     tools = locate(o.llama_cpp)
     _check_imatrix_tool(job, tools)
     check_converter_deps()

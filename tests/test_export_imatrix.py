@@ -184,6 +184,13 @@ def test_adapter_without_its_run_falls_back_to_no_imatrix(gemma_trained_adapter,
 # --------------------------------------------------------------------------- rules, no llama.cpp
 
 
+def test_no_imatrix_and_imatrix_file_contradict(run_cli, tmp_path):
+    given = tmp_path / "m.gguf"
+    given.write_bytes(b"x")
+    rc, _, err = run_cli("export", "--run", str(tmp_path / "run"), "--imatrix", str(given), "--no-imatrix")
+    assert rc == 2 and "--no-imatrix and --imatrix" in err and "contradict" in err
+
+
 def test_low_bit_types_are_offered_and_the_i_quants_need_a_matrix():
     assert parse_quant_types(["IQ4_XS", "q3_k_m", "q2_k", "iq3_m"]) == ["iq4_xs", "q3_k_m", "q2_k", "iq3_m"]
     assert set(NEEDS_IMATRIX) == {"iq4_xs", "iq3_m"} and set(NEEDS_IMATRIX) <= set(IMATRIX_TYPES)
@@ -287,3 +294,22 @@ def test_time_budget_cuts_the_chunks(tiny_gemma, llama_tools, tmp_path, monkeypa
     n_seq = imatrix_mod.BATCH // imx.n_ctx
     assert imx.chunks == n_seq < imx.tokens // imx.n_ctx
     assert any("budget" in s and f"using {n_seq} chunks" in s for s in said)
+
+
+@pytest.mark.slow
+def test_failing_llama_imatrix_names_the_way_out_and_leaves_nothing(qlora_run, llama_tools, tmp_path, monkeypatch):
+    import export.imatrix as imatrix_mod
+    from export.job import ExportOptions, resolve_job
+    from export.pipeline import run_export
+    from macft.errors import ToolError
+
+    monkeypatch.setattr(imatrix_mod, "IMATRIX_TOOL", "llama-tokenize")  # a tool that refuses imatrix's flags
+    out = tmp_path / "out"
+    job = resolve_job(run=str(qlora_run), adapter=None, model=None, output=str(out), name=None, best=False,
+                      export_values={"export.quant": "q4_k_m", "export.merge_base": "dequantized"},
+                      options=ExportOptions(verify=False))
+    with pytest.raises(ToolError) as e:
+        run_export(job)
+    assert "llama-imatrix could not compute the importance matrix" in str(e.value.hint)
+    assert "--no-imatrix" in str(e.value.hint)
+    assert not out.exists()
