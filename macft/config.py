@@ -121,6 +121,9 @@ class TrainConfig:
     iters: int = opt(0, "Optimizer steps to train; 0 means use --epochs.")
     epochs: float = opt(3.0, "Passes over the training data (when --iters is 0).")
     eval_every: int = opt(50, "Compute the validation loss every N optimizer steps (0: only at the end).")
+    early_stop: int = opt(
+        0, "Stop when the validation loss has not improved for N evaluations in a row (0: never); "
+        "the run's adapter/ is then its best one (best_adapter/).")
     save_every: int = opt(100, "Write a resumable checkpoint every N optimizer steps (0: only at the end).")
     log_every: int = opt(10, "Report the training loss every N optimizer steps.")
     seed: int = opt(0, "Random seed (data order, LoRA init, dropout).")
@@ -439,7 +442,7 @@ def validate(cfg: RunConfig, require: tuple[str, ...] = ()) -> None:
         p.append(f"train.iters must be 0 (use epochs) or positive, got {tr.iters}")
     if tr.iters == 0 and tr.epochs <= 0:
         p.append(f"train.epochs must be positive when train.iters is 0, got {tr.epochs}")
-    for k in ("eval_every", "save_every"):
+    for k in ("eval_every", "early_stop", "save_every"):
         if getattr(tr, k) < 0:
             p.append(f"train.{k} must be 0 or positive, got {getattr(tr, k)}")
     if tr.log_every < 1:

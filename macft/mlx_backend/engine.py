@@ -237,6 +237,15 @@ class MLXEngine:
         if not (path / OPTIMIZER_FILE).is_file() or not (path / RNG_FILE).is_file():
             raise MacftError(f"{path} has no {OPTIMIZER_FILE}: it was not written by the mlx backend.",
                              "Resume a run with the backend that started it (see its config.yaml).")
+        self.load_adapter_weights(path)
+        self.optimizer.state = tree_unflatten(list(mx.load(str(path / OPTIMIZER_FILE)).items()))
+        self._update = None  # the compiled update holds the old state dict: retrace
+        self.micro_count = int(json.loads((path / RNG_FILE).read_text())["micro_count"])
+        self._micro_at_step = self.micro_count
+        mx.eval(self.model.parameters(), self.optimizer.state)
+
+    def load_adapter_weights(self, path: Path) -> None:
+        """The LoRA weights of a PEFT adapter directory (a checkpoint or best_adapter/)."""
         modules, _ = read_peft_adapter(path)
         by_hf = {self.lm.hf_name(n): n for n in self.lm.lora_modules}
         weights = []
@@ -247,11 +256,7 @@ class MLXEngine:
             weights.append((f"{mlx_name}.lora_a", mx.array(np.ascontiguousarray(a.T))))
             weights.append((f"{mlx_name}.lora_b", mx.array(np.ascontiguousarray(b.T))))
         self.model.load_weights(weights, strict=False)
-        self.optimizer.state = tree_unflatten(list(mx.load(str(path / OPTIMIZER_FILE)).items()))
-        self._update = None  # the compiled update holds the old state dict: retrace
-        self.micro_count = int(json.loads((path / RNG_FILE).read_text())["micro_count"])
-        self._micro_at_step = self.micro_count
-        mx.eval(self.model.parameters(), self.optimizer.state)
+        mx.eval(self.model.parameters())
 
     def close(self) -> None:
         if self._restore_ckpt:

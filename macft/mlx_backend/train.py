@@ -11,7 +11,7 @@ import mlx.core as mx
 import psutil
 
 from ..errors import MacftError
-from ..run import MLX_ADAPTER, write_quantization
+from ..run import BEST_ADAPTER, MLX_ADAPTER, write_quantization
 from ..training.loop import LoopResult
 from ..training.loop import train as run_loop
 from ..ui import console, human_bytes
@@ -120,6 +120,8 @@ def run_training(backend: Any, job: Any, callback: Any) -> LoopResult:
     finally:
         engine.close()
     if not result.interrupted:
+        if result.stopped_early:  # adapter/ is the best one: so is mlx-lm's copy
+            engine.load_adapter_weights(job.run_dir / BEST_ADAPTER)
         write_mlx_adapter(job.run_dir / MLX_ADAPTER, engine, keys, len(layers))
     return result
 

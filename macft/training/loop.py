@@ -10,6 +10,9 @@
 - the learning rate comes from :mod:`macft.training.schedule`.
 - validation every ``eval_every`` steps and at the end; the adapter with the best
   validation loss is kept in ``best_adapter/`` beside the last one in ``adapter/``.
+- early stopping (``early_stop`` N > 0): after an ``eval_every`` validation, when the
+  last N validations brought no new best, the run stops; it is then finished, and its
+  ``adapter/`` is a copy of ``best_adapter/`` (no final validation: the best one is known).
 - a checkpoint every ``save_every`` steps, on Ctrl-C and at the end: adapter,
   optimizer state, RNG state, step, data position and the loss report in progress.
   ``resume`` writes the same metrics rows as an uninterrupted run. A Ctrl-C mid-step
@@ -103,6 +106,7 @@ class LoopSettings:
     eval_every: int
     save_every: int
     log_every: int
+    early_stop: int = 0  # stop after this many validations in a row without a new best (0: never)
 
 
 @dataclass
@@ -116,6 +120,7 @@ class LoopResult:
     trained_tokens: int
     seconds: float
     peak_memory_gb: float
+    stopped_early: bool = False  # then adapter/ is best_adapter/ and final_val_loss the best one
 
 
 @dataclass
@@ -134,6 +139,10 @@ class Position:
     window_loss: float = 0.0
     window_tokens: int = 0
     window_seconds: float = 0.0
+    # validations since the best one (0: the last was the best), and whether early stopping
+    # ended the run (defaults: older checkpoints)
+    evals_since_best: int = 0
+    stopped_early: bool = False
 
 
 def read_position(ckpt: Path) -> Position:
@@ -173,6 +182,7 @@ def train(
     pos = Position()
     if resume_from is not None:
         pos = read_position(resume_from)
+        check_not_stopped_early(pos, settings, resume_from)
         engine.load_state(resume_from)
     per_epoch = plan.batches_per_epoch()
     callback.on_start(_start_event(engine, plan, settings, pos, per_epoch))
@@ -197,6 +207,9 @@ def train(
                 callback.on_step(report)
             if settings.eval_every and step % settings.eval_every == 0 and step != settings.total_steps:
                 validation.run(pos, step)
+                if settings.early_stop and pos.evals_since_best >= settings.early_stop:
+                    pos.stopped_early = True
+                    break
             if settings.save_every and step % settings.save_every == 0 and step != settings.total_steps:
                 _checkpoint(engine, run_dir, pos, callback, "cadence")
     except KeyboardInterrupt:
@@ -204,16 +217,42 @@ def train(
         _drop_step_in_progress(engine, pos, step_start)
         _checkpoint(engine, run_dir, pos, callback, "interrupt")
     if not interrupted:
-        validation.run(pos, pos.step)
-        if engine.rank == 0:
-            _save_adapter_atomic(engine, run_dir / ADAPTER)
+        if pos.stopped_early:
+            # the run ships its best adapter, whose validation loss is known
+            if engine.rank == 0:
+                _save_adapter_atomic(engine, run_dir / ADAPTER, copy_of=run_dir / BEST_ADAPTER)
+        else:
+            validation.run(pos, pos.step)
+            if engine.rank == 0:
+                _save_adapter_atomic(engine, run_dir / ADAPTER)
         _checkpoint(engine, run_dir, pos, callback, "final")
     seconds = time.perf_counter() - t_start
-    result = LoopResult(pos.step, interrupted, pos.best_val_loss, pos.best_step, validation.last_loss,
-                        last_train_loss, pos.trained_tokens, seconds, engine.peak_memory_gb())
+    final_val_loss = pos.best_val_loss if pos.stopped_early else validation.last_loss
+    result = LoopResult(pos.step, interrupted, pos.best_val_loss, pos.best_step, final_val_loss,
+                        last_train_loss, pos.trained_tokens, seconds, engine.peak_memory_gb(),
+                        pos.stopped_early)
+    extra = ({"stopped_early": True, "best_step": pos.best_step, "evals_since_best": pos.evals_since_best}
+             if pos.stopped_early else {})
     callback.on_end(TrainEnd(pos.step, last_train_loss, pos.best_val_loss, pos.best_step,
-                             interrupted, seconds, pos.trained_tokens, result.peak_memory_gb))
+                             interrupted, seconds, pos.trained_tokens, result.peak_memory_gb, extra))
     return result
+
+
+def check_not_stopped_early(pos: Position, settings: LoopSettings, ckpt: Path) -> None:
+    """A run that stopped early is finished. It goes on only when early stopping is now off, or
+    allows more validations without a new best than it has had; the stop is then forgotten.
+    (``macft train --resume`` may call it before loading any weight.)"""
+    if not pos.stopped_early:
+        return
+    if settings.early_stop and pos.evals_since_best >= settings.early_stop:
+        run_dir = ckpt.parent.parent
+        best = f"{pos.best_val_loss:.4f}" if pos.best_val_loss is not None else "-"
+        raise MacftError(
+            f"{run_dir} stopped early at step {pos.step}: its validation loss had not improved for "
+            f"{pos.evals_since_best} evaluations (best {best} at step {pos.best_step}).",
+            f"It is finished: its adapter/ is the best one (step {pos.best_step}). To train further, "
+            "start a new run, or resume with --early-stop 0 (off) or a larger --early-stop.")
+    pos.stopped_early = False
 
 
 def _start_event(engine: Engine, plan: BatchPlan, settings: LoopSettings, pos: Position,
@@ -302,9 +341,11 @@ class _Validation:
         self.last_loss = loss
         best = pos.best_val_loss is None or loss < pos.best_val_loss
         if best:
-            pos.best_val_loss, pos.best_step = loss, step
+            pos.best_val_loss, pos.best_step, pos.evals_since_best = loss, step, 0
             if self.engine.rank == 0:
                 _save_adapter_atomic(self.engine, self.run_dir / BEST_ADAPTER)
+        else:
+            pos.evals_since_best += 1
         self.callback.on_eval(EvalReport(step, loss, n, best, time.perf_counter() - t0))
 
 
@@ -328,10 +369,18 @@ def _epoch_float(pos: Position, per_epoch: int) -> float:
     return pos.epoch + pos.index / max(per_epoch, 1)
 
 
-def _save_adapter_atomic(engine: Engine, dest: Path) -> None:
+def _save_adapter_atomic(engine: Engine, dest: Path, copy_of: Path | None = None) -> None:
+    """Write the engine's adapter into ``dest`` or, with ``copy_of``, a copy of that adapter directory."""
     tmp = dest.with_name(dest.name + ".tmp")
-    _write_dir(tmp, engine.save_adapter, f"writing the adapter {dest.name}/", engine,
-               previous=latest_checkpoint(dest.parent), run_dir=dest.parent)
+
+    def write(d: Path) -> None:
+        if copy_of is None:
+            engine.save_adapter(d)
+        else:
+            shutil.copytree(copy_of, d, dirs_exist_ok=True)
+
+    doing = f"writing the adapter {dest.name}/" + (f" (a copy of {copy_of.name}/)" if copy_of else "")
+    _write_dir(tmp, write, doing, engine, previous=latest_checkpoint(dest.parent), run_dir=dest.parent)
     replace_dir(tmp, dest)
 
 
