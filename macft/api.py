@@ -106,7 +106,7 @@ def _run_path(run: Run | str | os.PathLike) -> str:
 def train(config: RunConfig | str | os.PathLike | None = None, *, preset: str | None = None,
           resume: Run | str | os.PathLike | None = None, force: bool = False,
           callbacks: Sequence[TrainingCallback] | None = None, verbose: bool = False,
-          **options: Any) -> Run:
+          auto: bool = False, auto_budget: str | float | None = None, **options: Any) -> Run:
     """Fine-tune a model (``macft train``); returns the finished :class:`Run`.
 
     ``config``: a :class:`RunConfig` or a YAML file; ``options``: config settings named as the
@@ -116,7 +116,9 @@ def train(config: RunConfig | str | os.PathLike | None = None, *, preset: str | 
     save_every and log_every may change); ``force``: train even when the memory estimate says
     it will not fit, or resume on other base weights; ``callbacks``:
     :class:`~macft.training.events.TrainingCallback` objects that see every event after the
-    built-in ones (progress, metrics.jsonl, loss.png).
+    built-in ones (progress, metrics.jsonl, loss.png). ``auto``: search the learning rate, rank
+    and epochs first (``macft train --auto``; ``auto_budget`` as ``--auto-budget``); the
+    options given, and every setting of ``config``, are kept as they are.
 
     The run directory is ``output`` (default ``runs/<model>-<date>``, from the working
     directory). Interrupted (Ctrl-C), training stops at a checkpoint and the run is returned
@@ -125,15 +127,22 @@ def train(config: RunConfig | str | os.PathLike | None = None, *, preset: str | 
     from .commands import train as command
 
     values = config_values("macft.train()", options, TRAIN_SECTIONS,
-                           ("config", "preset", "resume", "force", "callbacks", "verbose"))
+                           ("config", "preset", "resume", "force", "callbacks", "verbose", "auto",
+                            "auto_budget"))
     base, config_file = _config_source(config)
     resume_dir = _run_path(resume) if resume is not None else None
+    request = None
+    if auto:
+        from .auto.driver import AutoRequest, explicit_keys
+        from .auto.plan import Budget
+
+        request = AutoRequest(Budget.parse(auto_budget), explicit=explicit_keys(values, config_file, base))
     with silenced(not verbose):
         cfg, ckpt = command.resolve(values, config_file=config_file, preset=preset, resume=resume_dir,
                                     base=base)
         done = command.train(cfg, ckpt, command.TrainOptions(
             preset=preset, resume=Path(resume_dir) if resume_dir else None, force=force,
-            callbacks=list(callbacks or [])))
+            callbacks=list(callbacks or []), auto=request))
     return open_run(done.run_dir)
 
 

@@ -37,12 +37,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Training steps to time for the time per epoch (needs --data and the weights; "
                         "0: memory only, nothing loaded). Default 4.")
     p.add_argument("--json", action="store_true", help="Print the estimate as JSON on stdout.")
+    p.add_argument("--auto", action="store_true", help="Also show what `macft train --auto` would search "
+                   "and what the search costs (needs --data).")
+    p.add_argument("--auto-budget", metavar="F|DURATION", default=None,
+                   help="The search's budget, as for `macft train --auto` (default 0.25 of the run).")
     add_config_flags(p, SECTIONS)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = resolve(cli_values(args, SECTIONS), config_file=args.config, preset=args.preset)
-    report = estimate_and_show(cfg, preset=args.preset, calibrate_steps=args.calibrate_steps)
+    from .train import auto_request
+
+    values = cli_values(args, SECTIONS)
+    cfg = resolve(values, config_file=args.config, preset=args.preset)
+    report = estimate_and_show(cfg, preset=args.preset, calibrate_steps=args.calibrate_steps,
+                               auto=auto_request(args, values))
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
     return 0 if report.fits else 1
@@ -92,6 +100,7 @@ class EstimateReport:
     fits: bool
     suggestions: list[Suggestion] = field(default_factory=list)  # settings that fit, when it does not
     calibration: Calibration | None = None  # with data and calibration steps, when it fits
+    auto: dict[str, Any] | None = None  # with --auto and data: the search plan and its cost
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -102,6 +111,8 @@ class EstimateReport:
             "suggestions": [{"flags": s.flags, "total_bytes": s.total_bytes} for s in self.suggestions]}
         if self.calibration is not None:
             out["calibration"] = self.calibration.to_dict()
+        if self.auto is not None:
+            out["auto"] = self.auto
         return out
 
 
@@ -183,7 +194,8 @@ def assess(cfg: RunConfig, *, preset: str | None = None, load_weights: bool = Fa
     return Assessment(cfg, name, shape, target, est, fixes, prepared, preset)
 
 
-def estimate_and_show(cfg: RunConfig, *, preset: str | None = None, calibrate_steps: int = 4) -> EstimateReport:
+def estimate_and_show(cfg: RunConfig, *, preset: str | None = None, calibrate_steps: int = 4,
+                      auto: Any = None) -> EstimateReport:
     """:func:`assess`, print it, :func:`calibrate` when it fits, print that: what ``macft estimate``
     does (``macft.estimate`` in Python too, printing only with ``verbose``)."""
     from ..ui import console
@@ -195,7 +207,39 @@ def estimate_and_show(cfg: RunConfig, *, preset: str | None = None, calibrate_st
         show_calibration(cal)
     elif calibrate_steps > 0 and m.prepared is None:
         console.print("[dim]Give --data to also time a few training steps (time per epoch).[/]")
-    return m.report(cal)
+    report = m.report(cal)
+    if auto is not None:
+        report.auto = show_auto(m, auto, cal)
+    return report
+
+
+def show_auto(m: Assessment, request: Any, cal: Calibration | None) -> dict[str, Any] | None:
+    """What `--auto` would search on this data and what it costs (in steps; in time with a
+    calibration)."""
+    from ..auto.driver import check_auto, make_plan, show_plan
+    from ..ui import console, warn
+
+    if m.prepared is None:
+        warn("--auto: give --data to see what the search would try and cost.")
+        return None
+    p = m.prepared
+    check_auto(p)
+    per_epoch = max(1, -(-p.plan.batches_per_epoch() // p.cfg.train.grad_accum))
+    sps = cal.epoch_seconds / per_epoch if cal is not None else None
+    if request.budget.seconds is not None and sps is None:
+        warn("--auto: a duration budget needs the calibration steps (--calibrate-steps > 0).")
+        return None
+    plan = make_plan(p, request, sps)
+    show_plan(plan, request, sps)
+    out: dict[str, Any] = {"plan": plan.to_dict(), "search_steps": plan.planned_cost,
+                           "run_steps": plan.run_steps}
+    if sps is not None:
+        out["search_seconds"] = plan.planned_cost * sps
+        out["run_seconds"] = plan.run_steps * sps
+        console.print(f"With --auto: the search about [bold]{_hms(out['search_seconds'])}[/], then the run up to "
+                      f"{plan.run_steps} steps, about [bold]{_hms(out['run_seconds'])}[/] (less when it stops "
+                      "early).")
+    return out
 
 
 def calibrate_if_fits(m: Assessment, steps: int) -> Calibration | None:

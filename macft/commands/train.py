@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 HELP = "Fine-tune a model with LoRA / QLoRA (MLX or PyTorch backend)."
 SECTIONS = ("model", "lora", "data", "train")
 RESUME_OVERRIDABLE = {"train.iters", "train.epochs", "train.eval_every", "train.save_every",
-                      "train.log_every"}
+                      "train.log_every", "train.early_stop"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,15 +55,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="Train even when the memory estimate says the run will not fit, or resume "
                         "on a base model whose weights differ from those the run started on.")
+    add_auto_arguments(p)
     add_config_flags(p, SECTIONS)
+
+
+def add_auto_arguments(p: argparse.ArgumentParser, tune: bool = False) -> None:
+    g = p.add_argument_group("automatic hyperparameters")
+    if not tune:
+        g.add_argument("--auto", action="store_true",
+                       help="Before the run, search the learning rate, LoRA rank and the number of epochs "
+                            "on your data (README 'Automatic hyperparameters'); flags you give are kept.")
+        g.add_argument("--dry-run", action="store_true",
+                       help="With --auto: run the search only, print the recommended settings (as YAML).")
+    g.add_argument("--auto-budget", metavar="F|DURATION", default=None,
+                   help="What the search may cost: a fraction of the run's time (default 0.25) or a "
+                        "duration (20m, 1h).")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg, ckpt = resolve(cli_values(args, SECTIONS), config_file=args.config, preset=args.preset,
                         resume=args.resume)
     options = TrainOptions(preset=args.preset, resume=Path(args.resume) if args.resume else None,
-                           force=args.force)
+                           force=args.force, auto=auto_request(args, cfg_values=cli_values(args, SECTIONS)))
     return train(cfg, ckpt, options).exit_code
+
+
+def auto_request(args: argparse.Namespace, cfg_values: dict[str, Any], force_auto: bool = False) -> Any:
+    """The :class:`macft.auto.driver.AutoRequest` of `--auto` (None without it)."""
+    if not (force_auto or getattr(args, "auto", False)):
+        if getattr(args, "dry_run", False) or getattr(args, "auto_budget", None) is not None:
+            raise MacftError("--dry-run and --auto-budget belong to --auto.",
+                             "Add --auto (or use `macft tune`).")
+        return None
+    from ..auto.driver import AutoRequest, explicit_keys
+    from ..auto.plan import Budget
+
+    return AutoRequest(Budget.parse(args.auto_budget), dry_run=force_auto or bool(getattr(args, "dry_run", False)),
+                       explicit=explicit_keys(cfg_values, getattr(args, "config", None)))
 
 
 @dataclass
@@ -75,16 +103,17 @@ class TrainOptions:
     force: bool = False  # train despite the memory estimate, or resume on other base weights
     calibration: bool = False  # `macft estimate`'s timing run: no summary, no final report
     callbacks: list[TrainingCallback] = field(default_factory=list)  # after the built-in ones
+    auto: Any = None  # a macft.auto.driver.AutoRequest: search the hyperparameters first (--auto)
 
 
 @dataclass
 class TrainResult:
     run_dir: Path
-    result: LoopResult
+    result: LoopResult | None  # None: `--auto --dry-run` (the search only)
 
     @property
     def exit_code(self) -> int:
-        return 130 if self.result.interrupted else 0
+        return 130 if self.result is not None and self.result.interrupted else 0
 
 
 def resolve(values: dict[str, Any], *, config_file: str | Path | None = None, preset: str | None = None,
@@ -212,7 +241,7 @@ def prepare(cfg: RunConfig, *, preset: str | None = None, main_process: bool = T
         total_steps=steps, grad_accum=cfg.train.grad_accum,
         schedule=make_schedule(cfg.train.schedule, cfg.train.learning_rate, steps, cfg.train.warmup_ratio),
         max_grad_norm=cfg.train.max_grad_norm, eval_every=cfg.train.eval_every,
-        save_every=cfg.train.save_every, log_every=cfg.train.log_every)
+        save_every=cfg.train.save_every, log_every=cfg.train.log_every, early_stop=cfg.train.early_stop)
     if main_process:
         _print_data_summary(data, plan, renderer, str(cfg.model.name), model_info.text_model_type)
     return Prepared(cfg, name, backend, model_path, model_info, tok, renderer, data, plan, valid, steps,
@@ -247,6 +276,13 @@ def train(cfg: RunConfig, ckpt: Path | None = None, options: TrainOptions | None
     options = options or TrainOptions()
     validate(cfg)
     main_process = launcher_rank() == 0
+    if options.auto is not None and options.resume:
+        raise MacftError("--auto searches before a new run; a resumed run keeps the settings it chose.",
+                         "Drop --auto to resume (its config.yaml holds the chosen values).")
+    if options.auto is not None and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise MacftError("--auto runs in one process; this is one of several (accelerate / torchrun).",
+                         "Run `macft tune` (or `macft train --auto --dry-run`) alone first, then launch the "
+                         "recommended config on all GPUs.")
     lock: RunLock | None = None
     if options.resume and main_process:
         # before the data is read: a second process on the same run is refused at once
@@ -265,7 +301,7 @@ def _train_locked(options: TrainOptions, cfg: RunConfig, ckpt: Path | None, main
                   lock: RunLock | None) -> TrainResult:
     from ..backends import TrainJob
     from ..training.events import CallbackList
-    from ..training.loop import read_position
+    from ..training.loop import check_not_stopped_early, read_position
     from ..training.progress import RichProgress
     from ..training.rundir import (
         LossPlot,
@@ -316,12 +352,31 @@ def _train_locked(options: TrainOptions, cfg: RunConfig, ckpt: Path | None, main
                               "its first one): training it again from step 0 with its saved settings.[/]")
         else:
             pos = read_position(ckpt)
+            check_not_stopped_early(pos, settings, ckpt)
             if pos.step >= steps:
                 raise MacftError(f"{run_dir} already finished {pos.step} of {steps} steps.",
                                  "Raise --iters (or --epochs) to train further.")
             if main_process:
                 truncate_metrics(run_dir, pos.step)
                 console.print(f"Resuming {run_dir} from step {pos.step} ({ckpt.name}).")
+    auto = None
+    if options.auto is not None:
+        from ..auto.driver import run_auto
+
+        try:
+            auto = run_auto(p, options.auto, run_dir, options.preset)
+        except BaseException:
+            if created:
+                import shutil
+
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        cfg, steps, settings, ckpt = auto.cfg, auto.steps, auto.settings, auto.checkpoint
+        if options.auto.dry_run:
+            _finish_tune(run_dir, auto)
+            if lock is not None and created:
+                lock.release()
+            return TrainResult(run_dir, None)
     try:
         resolved = _resolved(cfg, name, backend.device(), model_path, model_info, renderer, data, steps)
         resolved.preset = options.preset
@@ -338,8 +393,12 @@ def _train_locked(options: TrainOptions, cfg: RunConfig, ckpt: Path | None, main
             if created:
                 remove_failed_run(run_dir)
             raise
+        if auto is not None and main_process and not result.interrupted:
+            from ..auto.driver import check_run_answers
+
+            check_run_answers(p, auto, run_dir)
         if main_process and not options.calibration:
-            _finish(run_dir, cfg, result, job, resolved)
+            _finish(run_dir, cfg, result, job, resolved, auto)
         return TrainResult(run_dir, result)
     finally:
         if created and lock is not None:
@@ -436,8 +495,29 @@ def _resolved(cfg: RunConfig, backend: str, device: str, model_path: Path, model
     )
 
 
+def _finish_tune(run_dir: Path, auto: Any) -> None:
+    """`--auto --dry-run` / `macft tune`: the recommendation, as YAML to train with."""
+    from ..auto.driver import AUTO_DIR, RECOMMENDED, summary_rows
+    from ..training.progress import summary_table
+    from ..ui import console
+
+    cfg = auto.cfg
+    cfg.train.output = None
+    text = dump_yaml(cfg)
+    dest = run_dir / AUTO_DIR / RECOMMENDED
+    write_text_atomic(dest, text)
+    write_json_atomic(run_dir / AUTO_DIR / "summary.json", auto.outcome.summary())
+    console.print(summary_table(summary_rows(auto.outcome)))
+    console.print(text)
+    console.print(f"The search is in [bold]{run_dir / AUTO_DIR}[/] (search.jsonl, search.png); the settings "
+                  f"above are in [bold]{dest}[/].")
+    console.print(f"Next: [bold]macft train --config {dest}[/]")
+    if os.environ.get("MACFT_PRINT_RUN_DIR"):
+        print(run_dir)
+
+
 def _finish(run_dir: Path, cfg: RunConfig, result: LoopResult, job: TrainJob,
-            resolved: Resolved) -> None:
+            resolved: Resolved, auto: Any = None) -> None:
     from ..training.progress import summary_table
     from ..ui import console
 
@@ -456,6 +536,14 @@ def _finish(run_dir: Path, cfg: RunConfig, result: LoopResult, job: TrainJob,
         "device": resolved.device,
         "notes": job.notes,
     }
+    stopped = bool(getattr(result, "stopped_early", False))
+    if cfg.train.early_stop:
+        summary["stopped_early"] = stopped
+    if auto is not None:
+        summary["auto"] = auto.outcome.summary()
+        per_epoch = max(auto.outcome.plan.steps_per_epoch, 1)
+        if result.best_step is not None:
+            summary["auto"]["chosen"]["best_epoch"] = round(result.best_step / per_epoch, 2)
     write_json_atomic(run_dir / SUMMARY, summary)
     if result.interrupted:
         console.print(f"[yellow]Stopped at step {result.step}; a checkpoint is saved.[/]\n"
@@ -471,6 +559,13 @@ def _finish(run_dir: Path, cfg: RunConfig, result: LoopResult, job: TrainJob,
         ("time", f"{result.seconds:.1f} s"),
         ("peak memory", f"{result.peak_memory_gb:.2f} GB"),
     ]
+    if stopped:
+        rows.append(("stopped early", f"at step {result.step}: validation had not improved for "
+                                      f"{cfg.train.early_stop} evaluations; adapter/ is the step-{result.best_step} one"))
+    if auto is not None:
+        from ..auto.driver import summary_rows
+
+        rows += summary_rows(auto.outcome)
     for n in job.notes:
         rows.append(("note", n))
     console.print(summary_table(rows))
