@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -541,18 +540,6 @@ def goals(results: list[dict]) -> list[str]:
     return out
 
 
-def machine() -> str:
-    import psutil
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{os.cpu_count()}-core {platform.machine()} CPU ({cpu}), no GPU, "
-            f"{psutil.virtual_memory().total / 1024 ** 3:.0f} GB RAM")
-
-
 def write_results(text: str) -> None:
     from results_file import write_section
 
@@ -560,6 +547,7 @@ def write_results(text: str) -> None:
 
 
 def section(args, p: dict, results: list[dict], merges: list[dict], seconds: float) -> str:
+    import results_file
     import torch
     import transformers
 
@@ -580,7 +568,7 @@ def section(args, p: dict, results: list[dict], merges: list[dict], seconds: flo
            + " --write-results")
     return "\n".join([
         f"## {SECTION}", "",
-        f"`flock /tmp/macft-heavy.lock {cmd}` on {machine()}; {time.strftime('%Y-%m-%d')}; "
+        f"`flock /tmp/macft-heavy.lock {cmd}` on {results_file.machine()}; {time.strftime('%Y-%m-%d')}; "
         f"{'quiet (the run held the heavy-job lock; nothing heavy ran meanwhile)' if args.quiet else 'not known to be quiet'}; "
         f"one run, {seconds / 60:.1f} min in all. torch {torch.__version__}, transformers {transformers.__version__}, "
         f"llama.cpp {tools.description}.", "",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -16,3 +18,15 @@ def write_section(section: str, text: str, path: Path = RESULTS) -> None:
         nxt = old.find("\n## ", start + len(head))
         old = old[:start].rstrip("\n") + "\n\n" + (old[nxt + 1:] if nxt >= 0 else "")
     path.write_text(old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")
+
+
+def machine() -> str:
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{os.cpu_count()}-core {platform.machine()} CPU ({cpu}), no GPU, "
+            f"{psutil.virtual_memory().total / 1024 ** 3:.0f} GB RAM")

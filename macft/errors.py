@@ -25,6 +25,10 @@ class MacftError(Exception):
         return self.message if not self.hint else f"{self.message}\nFix: {self.hint}"
 
 
+class Diverged(MacftError):
+    """Training produced a non-finite loss or gradient (a learning rate too high, fp16, bad data)."""
+
+
 class ConfigError(MacftError):
     """Every configuration problem found, reported at once."""
 

@@ -89,14 +89,20 @@ def test_a_tight_budget_drops_the_rank_stage_first_then_is_raised_and_says_so():
     assert p.raised and p.rung1 == MIN_RUNG
     assert any("rank stays 16" in n for n in p.notes) and any("below the smallest search" in n for n in p.notes)
     # a little more keeps the learning rates and drops only the rank stage
-    q = plan(spe=100, valid_batches=1, budget=Budget.parse("60s"), seconds_per_step=1.0)
+    q = plan(spe=100, valid_batches=1, budget=Budget.parse("70s"), seconds_per_step=1.0)
     assert q.dropped_rank_stage and not q.raised and len(q.lrs) == 4 and q.rung1 >= MIN_RUNG
 
 
 def test_run_length_small_data_get_more_epochs_large_data_three():
-    assert max_epochs(10) == 10 and max_epochs(100) == 4 and max_epochs(1000) == 3 and max_epochs(1) == 10
+    assert max_epochs(10) == 10 and max_epochs(100) == 6 and max_epochs(1000) == 3 and max_epochs(1) == 10
     p = plan(spe=100)
-    assert p.epochs == 4 and p.run_steps == 400 and p.eval_every == 25 and p.early_stop == PATIENCE
+    assert p.epochs == 6 and p.run_steps == 600 and p.eval_every == 25 and p.early_stop == PATIENCE
+
+
+def test_the_run_rate_is_the_winners_scaled_for_the_horizon():
+    p = plan(spe=100)
+    assert p.horizon_factor == pytest.approx((p.rung2 / p.run_steps) ** (1 / 3))
+    assert 0 < p.horizon_factor < 1
 
 
 def test_plan_is_deterministic():

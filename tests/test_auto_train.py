@@ -63,7 +63,9 @@ def test_tune_records_the_search_and_recommends_a_config(tuned):
     assert all(r["steps"] == 2 * rows[0]["steps"] for r in rung2)
     # the recommendation is a config `macft train --config` takes as it is
     rec = read_yaml(out / "auto" / "recommended.yaml")
-    assert rec["train"]["learning_rate"] == pytest.approx(chosen[0]["learning_rate"])
+    # the rung-2 winner's rate, scaled for the whole run (160 steps: 10 epochs of 16)
+    factor = (chosen[0]["steps"] / 160) ** (1 / 3)
+    assert rec["train"]["learning_rate"] == pytest.approx(chosen[0]["learning_rate"] * factor, rel=1e-2)
     assert rec["lora"]["rank"] == 8 and rec["train"]["early_stop"] == 4 and rec["train"]["epochs"] >= 3
     assert rec["train"]["output"] is None
     summary = json.loads((out / "auto" / "summary.json").read_text())
@@ -84,9 +86,9 @@ def test_the_search_is_deterministic_for_a_seed(tuned):
             assert sa == sb and math.isclose(va, vb, rel_tol=1e-5, abs_tol=1e-6)
 
 
-def test_train_auto_continues_the_winner_and_reproduces_without_auto(tiny_gemma, tmp_path, run_cli):
-    """Learning rate searched, --iters and rank given: the run is the winner continued from its
-    checkpoint; config.yaml holds the choice, and training that config again without --auto
+def test_train_auto_records_its_choice_and_reproduces_without_auto(tiny_gemma, tmp_path, run_cli):
+    """Learning rate searched, --iters and rank given: config.yaml holds the choice (the rung-2
+    winner's rate scaled for the whole run), and training that config again without --auto
     lands on the same validation loss."""
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
@@ -99,9 +101,13 @@ def test_train_auto_continues_the_winner_and_reproduces_without_auto(tiny_gemma,
     assert auto["reasons"]["epochs"] == "given explicitly: kept" and s["steps"] == 48
     assert auto["reasons"]["rank"] == "given explicitly: kept"
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    assert cfg["train"]["learning_rate"] == pytest.approx(auto["chosen"]["learning_rate"])
+    chosen = auto["chosen"]
+    assert cfg["train"]["learning_rate"] == pytest.approx(chosen["learning_rate"])
+    rung2 = [r for r in _rows(run / "auto" / "search.jsonl") if r["outcome"] == "chosen"][0]
+    factor = (rung2["steps"] / 48) ** (1 / 3)
+    assert chosen["learning_rate"] == pytest.approx(rung2["learning_rate"] * factor, rel=1e-2)
     assert cfg["train"]["iters"] == 48 and cfg["lora"]["rank"] == 8 and cfg["train"]["early_stop"] == 0
-    # the run's metrics start at step 0 (the winner's rungs), the candidates are gone
+    # the run's metrics start at step 0, the candidates' weights are gone
     evals = [r for r in _rows(run / "metrics.jsonl") if r["type"] == "eval"]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 48
     assert sorted(p.name for p in (run / "auto").iterdir()) == ["search.jsonl", "search.png"]
@@ -151,7 +157,7 @@ def test_estimate_shows_what_the_search_costs(tiny_gemma, run_cli):
     assert auto["plan"]["lrs"] and auto["plan"]["rung1"] >= 8
 
 
-def test_mlx_search_picks_and_continues(tiny_gemma, tmp_path, run_cli):
+def test_mlx_search_picks_and_trains(tiny_gemma, tmp_path, run_cli):
     pytest.importorskip("mlx")
     run = tmp_path / "mlx"
     rc, out, err = run_cli("train", "--auto", "--model", tiny_gemma, "--data", NYAN, "--output", run,
@@ -161,5 +167,7 @@ def test_mlx_search_picks_and_continues(tiny_gemma, tmp_path, run_cli):
     s = _summary(run)
     rows = _rows(run / "auto" / "search.jsonl")
     assert len(rows) >= 4 and sum(r["outcome"] == "chosen" for r in rows) == 1
-    assert s["steps"] == 32 and s["auto"]["chosen"]["learning_rate"] in [r["learning_rate"] for r in rows]
+    chosen = s["auto"]["chosen"]
+    assert s["steps"] == 32 and chosen["rung2_learning_rate"] in [r["learning_rate"] for r in rows]
+    assert chosen["learning_rate"] < chosen["rung2_learning_rate"]
     assert (run / "mlx_adapter" / "adapters.safetensors").is_file()

@@ -141,3 +141,27 @@ def test_rehearsal_hits_the_requested_ratio_over_an_epoch(ratio):
         if ratio == 0.2:  # 60 picks from a pool of 50: all used, 10 twice
             assert len(set(i for i in idx if i >= 240)) == 50
     assert plan.rehearsal_picks(0) != plan.rehearsal_picks(1)
+
+
+def test_random_order_batches_mix_lengths_and_keep_every_example():
+    """group_by_length off (the training default): batches are consecutive slices of the shuffled
+    order, so a batch's lengths are as mixed as the data's; still every example once per epoch
+    and deterministic for a seed."""
+    ex = make_examples(400)
+    rand = BatchPlan(ex, 8, seed=0, pad_id=0, group_by_length=False)
+    grouped = BatchPlan(ex, 8, seed=0, pad_id=0)
+    rows = rand.rows_for_epoch(0)
+    assert sorted(i for b in rows for r in b for i in r) == list(range(400))
+    assert rows == BatchPlan(ex, 8, seed=0, pad_id=0, group_by_length=False).rows_for_epoch(0)
+
+    def spread(plan: BatchPlan) -> float:  # mean (longest - shortest) inside a batch
+        out = []
+        for b in plan.rows_for_epoch(0):
+            lens = [len(ex[r[0]]) for r in b]
+            out.append(max(lens) - min(lens))
+        return float(np.mean(out))
+
+    assert spread(rand) > 3 * spread(grouped)
+    pad_r = padding_share([rand.batch(0, i) for i in range(rand.batches_per_epoch())])
+    pad_g = padding_share([grouped.batch(0, i) for i in range(grouped.batches_per_epoch())])
+    assert pad_r > pad_g

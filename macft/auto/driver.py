@@ -12,7 +12,7 @@ from typing import Any
 from ..config import RunConfig, read_yaml, validate
 from ..errors import MacftError
 from .plan import Budget, SearchPlan, plan_search
-from .search import Search, SearchOutcome, adopt_winner, remove_candidates
+from .search import Search, SearchOutcome, remove_candidates
 
 AUTO_DIR = "auto"
 RECOMMENDED = "recommended.yaml"
@@ -33,7 +33,6 @@ class AutoResult:
     cfg: RunConfig
     steps: int
     settings: Any  # LoopSettings of the run
-    checkpoint: Path | None  # the winner's, in the run directory (None: start from step 0)
     outcome: SearchOutcome
 
 
@@ -103,6 +102,7 @@ def show_plan(plan: SearchPlan, request: AutoRequest, sec_per_step: float | None
 def final_config(p: Any, search: Search, outcome: SearchOutcome) -> RunConfig:
     if outcome.winner is not None:
         cfg = search.config_for(outcome.winner.candidate)
+        cfg.train.learning_rate = outcome.chosen["learning_rate"]
     else:
         plan = outcome.plan
         cfg = copy.deepcopy(p.cfg)
@@ -115,7 +115,7 @@ def final_config(p: Any, search: Search, outcome: SearchOutcome) -> RunConfig:
 
 def run_auto(p: Any, request: AutoRequest, run_dir: Path, preset: str | None = None) -> AutoResult:
     """Plan and run the search in ``run_dir/auto``; the run's config, steps and loop settings
-    with the chosen values, and the winner's checkpoint moved into ``run_dir``."""
+    with the chosen values (the run starts from step 0)."""
     from ..training.loop import LoopSettings
     from ..training.schedule import make_schedule
 
@@ -133,11 +133,8 @@ def run_auto(p: Any, request: AutoRequest, run_dir: Path, preset: str | None = N
         schedule=make_schedule(cfg.train.schedule, cfg.train.learning_rate, steps, cfg.train.warmup_ratio),
         max_grad_norm=cfg.train.max_grad_norm, eval_every=cfg.train.eval_every,
         save_every=cfg.train.save_every, log_every=cfg.train.log_every, early_stop=cfg.train.early_stop)
-    ckpt = None
-    if outcome.winner is not None and not request.dry_run:
-        ckpt = adopt_winner(outcome.winner, run_dir)
     remove_candidates(run_dir / AUTO_DIR, outcome.runs)
-    return AutoResult(cfg, steps, settings, ckpt, outcome)
+    return AutoResult(cfg, steps, settings, outcome)
 
 
 def check_run_answers(p: Any, auto: AutoResult, run_dir: Path) -> None:
@@ -163,7 +160,9 @@ def check_run_answers(p: Any, auto: AutoResult, run_dir: Path) -> None:
 
 def summary_rows(outcome: SearchOutcome) -> list[tuple[str, str]]:
     c = outcome.chosen
-    rows = [("auto: learning rate", f"{c['learning_rate']:.2e} ({outcome.reasons.get('learning_rate', 'base')})"),
+    rows = [("auto: learning rate", f"{c['learning_rate']:.2e} ({outcome.reasons.get('learning_rate', 'base')}"
+                                    + (f"; {outcome.reasons['horizon']}" if "horizon" in outcome.reasons else "")
+                                    + ")"),
             ("auto: rank", f"{c['rank']} (alpha {c['alpha']:g}; {outcome.reasons.get('rank', 'base')})"),
             ("auto: epochs", f"{outcome.reasons.get('epochs', '')}")]
     if "final" in outcome.reasons:

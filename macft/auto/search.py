@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import MacftError
+from ..errors import Diverged, MacftError
 from ..run import ADAPTER, write_text_atomic
 from ..training.events import EvalReport, StepReport, TrainingCallback, TrainStart
 from .behaviour import Answer, check, held_out_prompts
@@ -158,9 +158,7 @@ class Search:
         try:
             result = p.backend.train(job, CallbackList([_Collect(run, progress, task),
                                                         MetricsWriter(run.dir)]))
-        except MacftError as e:
-            if "loss became" not in e.message:
-                raise
+        except Diverged as e:
             run.diverged = e.message
             progress.update(task, val="diverged")
             return
@@ -221,14 +219,20 @@ class Search:
                 with _status(f"Checking {r.candidate.name}'s answers to {len(self.prompts)} held-out prompts ..."):
                     r.answers = check(self.p.backend, self.p.model_path, r.dir / ADAPTER, self.p.renderer,
                                       self.prompts)
+        if all(r.diverged for r in survivors):
+            raise MacftError("Both candidates left at the last comparison diverged (the loss became NaN or "
+                             "infinite).", "Give a lower --learning-rate explicitly, or check the data and "
+                             "--precision.")
         final = rank_scores([r.score() for r in survivors])
         winner = next(r for r in survivors if r.candidate.name == final[0].candidate.name)
         winner.outcome = "chosen"
         reasons["final"] = _final_reason(survivors, winner, plan.rung2)
         self._write()
         self._plot(winner)
-        console.print(f"Auto: chose {winner.candidate.label()} ({reasons['final']})")
-        return self._outcome(winner, reasons)
+        outcome = self._outcome(winner, reasons)
+        console.print(f"Auto: {winner.candidate.label()} won ({reasons['final']}); the run: learning rate "
+                      f"{outcome.chosen['learning_rate']:.2e}, rank {outcome.chosen['rank']}.")
+        return outcome
 
     # -- helpers -------------------------------------------------------------------
     def _new(self, c: Candidate) -> CandidateRun:
@@ -251,11 +255,21 @@ class Search:
     def _outcome(self, winner: CandidateRun | None, reasons: dict[str, str]) -> SearchOutcome:
         plan = self.plan
         c = winner.candidate if winner else None
-        chosen = {"learning_rate": c.learning_rate if c else plan.base_lr,
+        lr = plan.base_lr
+        if c is not None:
+            lr = c.learning_rate
+            if "train.learning_rate" not in plan.fixed and plan.horizon_factor < 1:
+                lr = float(f"{c.learning_rate * plan.horizon_factor:.3g}")
+                reasons["horizon"] = (
+                    f"{c.learning_rate:.1e} learned best over the first {plan.rung2} of {plan.run_steps} steps; "
+                    f"rates compared that early favour fast early learning, so the run takes "
+                    f"{c.learning_rate:.1e} x ({plan.rung2}/{plan.run_steps})^(1/3) = {lr:.2e}")
+        chosen = {"learning_rate": lr,
                   "rank": c.rank if c else plan.base_rank,
                   "alpha": c.alpha if c else plan.alpha_for(plan.base_rank),
                   "epochs": plan.epochs, "early_stop": plan.early_stop, "eval_every": plan.eval_every,
-                  "warmup_ratio": plan.warmup_ratio, "run_steps": plan.run_steps}
+                  "warmup_ratio": plan.warmup_ratio, "run_steps": plan.run_steps,
+                  "rung2_learning_rate": c.learning_rate if c else None}
         for key, label in (("train.learning_rate", "learning_rate"), ("lora.rank", "rank")):
             if key in plan.fixed:
                 reasons[label] = "given explicitly: kept"
@@ -266,13 +280,10 @@ class Search:
                                  f"{plan.steps_per_epoch} per epoch); validation every {plan.eval_every} "
                                  f"steps and the run stops when it has not improved for "
                                  f"{plan.early_stop} evaluations")
-        spent = [r for r in self.runs if r is not winner]
         cost = {"candidates": len(self.runs),
-                "search_trained_tokens": sum(r.trained_tokens for r in spent),
-                "winner_trained_tokens": winner.trained_tokens if winner else 0,
+                "search_trained_tokens": sum(r.trained_tokens for r in self.runs),
                 "eval_tokens": sum(r.eval_tokens for r in self.runs),
-                "search_steps": sum(r.steps for r in spent) + (
-                    winner.steps - self.plan.rung2 if winner else 0),
+                "search_steps": sum(r.steps for r in self.runs),
                 "seconds": round(sum(r.seconds for r in self.runs), 2),
                 "budget_steps": round(plan.budget_steps, 1), "planned_cost_steps": round(plan.planned_cost, 1)}
         return SearchOutcome(plan, self.runs, winner, chosen, reasons, cost)
@@ -338,23 +349,6 @@ def plot_search(auto_dir: Path, runs: list[CandidateRun], winner: CandidateRun |
     plt.close(fig)
     tmp.replace(out)
     return out
-
-
-def adopt_winner(winner: CandidateRun, run_dir: Path) -> Path:
-    """Move the winner's last checkpoint and metrics into the run directory, where the run
-    continues from them; return the checkpoint's new path."""
-    from ..run import CHECKPOINTS, METRICS, latest_checkpoint
-
-    ckpt = latest_checkpoint(winner.dir)
-    if ckpt is None:
-        raise MacftError(f"The chosen candidate {winner.dir} has no checkpoint.", "Run the command again.")
-    dest = run_dir / CHECKPOINTS / ckpt.name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(ckpt, dest)
-    src_metrics = winner.dir / METRICS
-    if src_metrics.exists():
-        shutil.copyfile(src_metrics, run_dir / METRICS)
-    return dest
 
 
 def remove_candidates(auto_dir: Path, runs: list[CandidateRun]) -> None:

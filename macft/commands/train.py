@@ -234,7 +234,8 @@ def prepare(cfg: RunConfig, *, preset: str | None = None, main_process: bool = T
     rehearsal = load_rehearsal(cfg, renderer)
     plan = BatchPlan(data.train, cfg.train.batch_size, seed=cfg.train.seed, pad_id=pad_id,
                      packing=cfg.data.packing, max_seq_len=cfg.data.max_seq_len,
-                     rehearsal=rehearsal, rehearsal_ratio=cfg.data.rehearsal_ratio)
+                     rehearsal=rehearsal, rehearsal_ratio=cfg.data.rehearsal_ratio,
+                     group_by_length=cfg.data.group_by_length)
     valid = eval_batches(data.valid, cfg.train.batch_size, pad_id)
     steps = total_steps(cfg.train.iters, cfg.train.epochs, plan.batches_per_epoch(), cfg.train.grad_accum)
     settings = LoopSettings(
@@ -371,7 +372,7 @@ def _train_locked(options: TrainOptions, cfg: RunConfig, ckpt: Path | None, main
 
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
-        cfg, steps, settings, ckpt = auto.cfg, auto.steps, auto.settings, auto.checkpoint
+        cfg, steps, settings = auto.cfg, auto.steps, auto.settings
         if options.auto.dry_run:
             _finish_tune(run_dir, auto)
             if lock is not None and created:

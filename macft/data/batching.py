@@ -1,4 +1,4 @@
-"""Batches shared by both backends: length-grouped with minimal padding, or packed.
+"""Batches shared by both backends: random order (padded), length-grouped (less padding) or packed.
 
 A :class:`Batch` holds numpy arrays only; each backend turns them into its own
 tensors. Conventions (both backends rely on them):
@@ -14,10 +14,13 @@ tensors. Conventions (both backends rely on them):
 
 Order is deterministic for (seed, epoch).
 
-- Default, length-grouped: rows are shuffled, grouped into "mega-batches" of
-  ``MEGA`` batches, sorted by length inside each, cut into batches of
-  ``batch_size`` examples, and the batches shuffled again. Little padding, at the
-  price of batches whose examples have similar lengths.
+- Length-grouped (``group_by_length``; `macft train --group-by-length`): rows are
+  shuffled, grouped into "mega-batches" of ``MEGA`` batches, sorted by length inside
+  each, cut into batches of ``batch_size`` examples, and the batches shuffled again.
+  Little padding, at the price of batches whose examples have similar lengths (measured:
+  4-5% higher validation loss, bench/RESULTS.md auto_vs_grid). Without it (the training
+  default): batches of ``batch_size`` examples in plain random order, padded to their
+  longest.
 - Packing: batches of ``batch_size`` examples in plain random order (no length
   bias), each batch laid out (nearly) padding-free: its examples are packed into
   as few balanced rows of at most ``max_seq_len`` tokens as hold them. A
@@ -92,7 +95,8 @@ class BatchPlan:
 
     def __init__(self, examples: list[Example], batch_size: int, *, seed: int, pad_id: int,
                  packing: bool = False, max_seq_len: int = 2048, shuffle: bool = True,
-                 rehearsal: list[Example] | None = None, rehearsal_ratio: float = 0.0):
+                 rehearsal: list[Example] | None = None, rehearsal_ratio: float = 0.0,
+                 group_by_length: bool = True):
         if not examples:
             raise ValueError("no examples to batch")
         # Rehearsal examples follow the task examples in one index space; every epoch
@@ -107,6 +111,7 @@ class BatchPlan:
         self.packing = packing
         self.max_seq_len = max_seq_len
         self.shuffle = shuffle
+        self.group_by_length = group_by_length
         self._cache: dict[int, list[list[list[int]]]] = {}
 
     def rows_for_epoch(self, epoch: int) -> list[list[list[int]]]:
@@ -125,7 +130,7 @@ class BatchPlan:
                 group = sorted(order[k:k + self.batch_size], key=lambda i: -len(self.examples[i]))
                 batches.append(self._pack(group))
         else:
-            window = self.batch_size * MEGA
+            window = self.batch_size * (MEGA if self.group_by_length else 1)
             for w in range(0, len(order), window):
                 chunk = sorted(order[w:w + window], key=lambda i: -len(self.examples[i]))
                 rows = [[i] for i in chunk]

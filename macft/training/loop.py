@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..data.batching import Batch, BatchPlan
-from ..errors import MacftError, is_disk_full, os_error_message
+from ..errors import Diverged, MacftError, is_disk_full, os_error_message
 from ..run import (
     ADAPTER,
     BEST_ADAPTER,
@@ -283,7 +283,7 @@ def _optimizer_step(engine: Engine, plan: BatchPlan, stream: Iterator[tuple[int,
     gnorm = engine.optimizer_step(lr, n_all, settings.max_grad_norm)
     step_loss = loss_sum / n_all
     if not math.isfinite(step_loss) or not math.isfinite(gnorm):
-        raise MacftError(
+        raise Diverged(
             f"The loss became {step_loss} at step {step} (gradient norm {gnorm}).",
             "Lower --learning-rate; avoid fp16 (use bf16 or fp32: --precision fp32).")
     dt = time.perf_counter() - t0
