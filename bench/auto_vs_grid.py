@@ -212,7 +212,7 @@ def bench_task(model: Path, shape: str, task: str, data: Path, backend: str, wor
                 res["orders"].append({"order": name, "seed": seed, "val": s["final_val_loss"],
                                       "tok_s": s["tokens_per_sec"]})
                 say(f"{tag} order {name} seed {seed}: val {s['final_val_loss']:.4f}")
-    s = train_one(model, data, work / f"{tag}/auto", backend, batch, auto=True)
+    s = train_one(model, data, work / f"{tag}/auto", backend, batch, cache=True, auto=True)
     a = s["auto"]
     res["auto"] = {"val": s["final_val_loss"], "tokens": s["trained_tokens"],
                    "search_tokens": a["cost"]["search_trained_tokens"], "wall": s["wall"], "run": s["run"],

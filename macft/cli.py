@@ -23,8 +23,9 @@ from ._version import __version__
 # (importing them all made it four times slower: numpy, the data readers, rich tables).
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("Fine-tune a model with LoRA / QLoRA (MLX or PyTorch backend).", "macft.commands.train"),
-    "tune": ("Search the learning rate, LoRA rank and epochs for your data and model (the search of "
-             "`train --auto` alone); prints the settings to train with.", "macft.commands.tune"),
+    "tune": ("Search the learning rate, LoRA rank and epochs for your data and model (what "
+             "`macft train --auto` does before its run) and print the settings to train with.",
+             "macft.commands.tune"),
     "demo": ("Run the whole product offline in minutes: tiny Gemma-3, LoRA on the bundled data, "
              "q4_k_m GGUF, before/after answers through llama.cpp.", "macft.commands.demo"),
     "estimate": ("Predict peak memory (and, with --data, time per epoch) before training; "

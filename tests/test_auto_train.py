@@ -171,3 +171,15 @@ def test_mlx_search_picks_and_trains(tiny_gemma, tmp_path, run_cli):
     assert s["steps"] == 32 and chosen["rung2_learning_rate"] in [r["learning_rate"] for r in rows]
     assert chosen["learning_rate"] < chosen["rung2_learning_rate"]
     assert (run / "mlx_adapter" / "adapters.safetensors").is_file()
+
+
+def test_a_duration_budget_is_timed_into_steps(tiny_gemma, tmp_path, run_cli):
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    out = tmp_path / "dur"
+    rc, _, err = run_cli("tune", NYAN, "--model", tiny_gemma, "--output", out, "--auto-budget", "30s",
+                         "--learning-rate", "3e-3", "--lora-rank", "8", *TORCH)
+    assert rc == 0, err
+    summary = json.loads((out / "auto" / "summary.json").read_text())
+    assert summary["plan"]["budget_steps"] > 0  # 30 s over the timed seconds per step
+    assert not (out / "auto" / "timing").exists()

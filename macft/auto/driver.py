@@ -71,13 +71,34 @@ def make_plan(p: Any, request: AutoRequest, seconds_per_step: float | None = Non
         seconds_per_step=seconds_per_step)
 
 
-def seconds_per_step(p: Any, preset: str | None) -> float:
-    """A duration budget in steps: a few timed steps of the run (as `macft estimate` does)."""
-    from ..commands.estimate import calibrate
+def seconds_per_step(p: Any, work: Path, steps: int = 5) -> float:
+    """A duration budget in steps: a few timed steps of the run in ``work`` (deleted after); the
+    first step, which compiles and warms up, is not counted."""
+    import shutil
 
-    c = calibrate(p, 4, preset=preset)
-    per_epoch = max(1, math.ceil(p.plan.batches_per_epoch() / p.cfg.train.grad_accum))
-    return c.epoch_seconds / per_epoch
+    from ..backends import TrainJob
+    from ..training.events import Recorder
+    from ..training.loop import LoopSettings
+    from ..training.schedule import make_schedule
+    from ..ui import status
+
+    cfg = p.cfg
+    settings = LoopSettings(total_steps=steps, grad_accum=cfg.train.grad_accum,
+                            schedule=make_schedule("constant", cfg.train.learning_rate, steps, 0.0),
+                            max_grad_norm=cfg.train.max_grad_norm, eval_every=0, save_every=0, log_every=1)
+    rec = Recorder()
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        with status(f"Timing {steps} training steps to turn the --auto-budget duration into steps ..."):
+            p.backend.train(TrainJob(cfg, p.model_path, p.model_info, p.tokenizer, p.data, p.plan, [], settings,
+                                     work), rec)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if len(rec.steps) < 2:
+        raise MacftError("The timing steps for --auto-budget did not run.", "Give the budget as a fraction, "
+                         "e.g. --auto-budget 0.25.")
+    first, last = rec.steps[0], rec.steps[-1]
+    return (last.elapsed_sec - first.elapsed_sec) / (last.step - first.step)
 
 
 def show_plan(plan: SearchPlan, request: AutoRequest, sec_per_step: float | None = None) -> None:
@@ -120,7 +141,7 @@ def run_auto(p: Any, request: AutoRequest, run_dir: Path, preset: str | None = N
     from ..training.schedule import make_schedule
 
     check_auto(p)
-    sps = seconds_per_step(p, preset) if request.budget.seconds is not None else None
+    sps = seconds_per_step(p, run_dir / AUTO_DIR / "timing") if request.budget.seconds is not None else None
     plan = make_plan(p, request, sps)
     show_plan(plan, request, sps)
     search = Search(p, plan, run_dir / AUTO_DIR)

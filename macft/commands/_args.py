@@ -32,7 +32,8 @@ def add_config_flags(parser: argparse.ArgumentParser, sections: tuple[str, ...],
         if g is None:
             g = groups[spec.section] = parser.add_argument_group(f"{spec.section} (config section '{spec.section}:')")
         default = ",".join(spec.default) if isinstance(spec.default, list) else spec.default
-        help_text = f"{spec.help} [{spec.key}; default: {default}]"
+        # argparse formats help with %: a literal one (e.g. "5% higher") must be doubled
+        help_text = f"{spec.help} [{spec.key}; default: {default}]".replace("%", "%%")
         if spec.type is bool:
             g.add_argument(spec.flag, dest=spec.dest, action=argparse.BooleanOptionalAction,
                            default=argparse.SUPPRESS, help=help_text)

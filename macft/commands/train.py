@@ -507,7 +507,7 @@ def _finish_tune(run_dir: Path, auto: Any) -> None:
     text = dump_yaml(cfg)
     dest = run_dir / AUTO_DIR / RECOMMENDED
     write_text_atomic(dest, text)
-    write_json_atomic(run_dir / AUTO_DIR / "summary.json", auto.outcome.summary())
+    write_json_atomic(run_dir / AUTO_DIR / SUMMARY, auto.outcome.summary())
     console.print(summary_table(summary_rows(auto.outcome)))
     console.print(text)
     console.print(f"The search is in [bold]{run_dir / AUTO_DIR}[/] (search.jsonl, search.png); the settings "
