@@ -134,8 +134,9 @@ def say(msg: str) -> None:
 def train_one(model: Path, data: Path, out: Path, backend: str, batch: int, cache: bool = False,
               **kw) -> dict:
     """One `macft train` in this process; its summary with the wall time around it. ``cache``:
-    a finished run of the same settings in ``out`` is reused (grid and default runs do not
-    depend on macft's --auto code; delete the work directory after changing anything else)."""
+    a finished run of the same settings in ``out`` is reused (its recorded wall time too).
+    The key holds the settings, not macft's code: delete the work directory (or the runs
+    concerned) after changing the training or --auto code."""
     import macft
     from macft.data import batching
 
