@@ -134,11 +134,10 @@ def final_config(p: Any, search: Search, outcome: SearchOutcome) -> RunConfig:
     return cfg
 
 
-def run_auto(p: Any, request: AutoRequest, run_dir: Path, preset: str | None = None) -> AutoResult:
+def run_auto(p: Any, request: AutoRequest, run_dir: Path) -> AutoResult:
     """Plan and run the search in ``run_dir/auto``; the run's config, steps and loop settings
     with the chosen values (the run starts from step 0)."""
     from ..training.loop import LoopSettings
-    from ..training.schedule import make_schedule
 
     check_auto(p)
     sps = seconds_per_step(p, run_dir / AUTO_DIR / "timing") if request.budget.seconds is not None else None
@@ -149,11 +148,7 @@ def run_auto(p: Any, request: AutoRequest, run_dir: Path, preset: str | None = N
     cfg = final_config(p, search, outcome)
     cfg.train.output = str(run_dir)
     steps = plan.run_steps
-    settings = LoopSettings(
-        total_steps=steps, grad_accum=cfg.train.grad_accum,
-        schedule=make_schedule(cfg.train.schedule, cfg.train.learning_rate, steps, cfg.train.warmup_ratio),
-        max_grad_norm=cfg.train.max_grad_norm, eval_every=cfg.train.eval_every,
-        save_every=cfg.train.save_every, log_every=cfg.train.log_every, early_stop=cfg.train.early_stop)
+    settings = LoopSettings.from_config(cfg.train, steps)
     remove_candidates(run_dir / AUTO_DIR, outcome.runs)
     return AutoResult(cfg, steps, settings, outcome)
 

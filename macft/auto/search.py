@@ -127,14 +127,9 @@ class Search:
 
     def settings_for(self, cfg: Any, total_steps: int, early_stop: int) -> Any:
         from ..training.loop import LoopSettings
-        from ..training.schedule import make_schedule
 
-        return LoopSettings(
-            total_steps=total_steps, grad_accum=cfg.train.grad_accum,
-            schedule=make_schedule(cfg.train.schedule, cfg.train.learning_rate, self.plan.run_steps,
-                                   cfg.train.warmup_ratio),
-            max_grad_norm=cfg.train.max_grad_norm, eval_every=cfg.train.eval_every, save_every=0,
-            log_every=cfg.train.log_every, early_stop=early_stop)
+        return LoopSettings.from_config(cfg.train, total_steps, schedule_steps=self.plan.run_steps,
+                                        save_every=0, early_stop=early_stop)
 
     def train_to(self, run: CandidateRun, steps: int, progress: Any) -> None:
         from ..backends import TrainJob

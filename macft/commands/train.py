@@ -192,7 +192,7 @@ def prepare(cfg: RunConfig, *, preset: str | None = None, main_process: bool = T
     from ..model_info import read_model_info
     from ..models import resolve_model_path
     from ..training.loop import LoopSettings
-    from ..training.schedule import make_schedule, total_steps
+    from ..training.schedule import total_steps
     from ..ui import task_progress, warn
 
     # -- backend ---------------------------------------------------------------
@@ -238,11 +238,7 @@ def prepare(cfg: RunConfig, *, preset: str | None = None, main_process: bool = T
                      group_by_length=cfg.data.group_by_length)
     valid = eval_batches(data.valid, cfg.train.batch_size, pad_id)
     steps = total_steps(cfg.train.iters, cfg.train.epochs, plan.batches_per_epoch(), cfg.train.grad_accum)
-    settings = LoopSettings(
-        total_steps=steps, grad_accum=cfg.train.grad_accum,
-        schedule=make_schedule(cfg.train.schedule, cfg.train.learning_rate, steps, cfg.train.warmup_ratio),
-        max_grad_norm=cfg.train.max_grad_norm, eval_every=cfg.train.eval_every,
-        save_every=cfg.train.save_every, log_every=cfg.train.log_every, early_stop=cfg.train.early_stop)
+    settings = LoopSettings.from_config(cfg.train, steps)
     if main_process:
         _print_data_summary(data, plan, renderer, str(cfg.model.name), model_info.text_model_type)
     return Prepared(cfg, name, backend, model_path, model_info, tok, renderer, data, plan, valid, steps,
@@ -365,7 +361,7 @@ def _train_locked(options: TrainOptions, cfg: RunConfig, ckpt: Path | None, main
         from ..auto.driver import run_auto
 
         try:
-            auto = run_auto(p, options.auto, run_dir, options.preset)
+            auto = run_auto(p, options.auto, run_dir)
         except BaseException:
             if created:
                 import shutil

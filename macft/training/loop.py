@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..data.batching import Batch, BatchPlan
 from ..errors import Diverged, MacftError, is_disk_full, os_error_message
@@ -52,7 +52,7 @@ from .events import (
     TrainingCallback,
     TrainStart,
 )
-from .schedule import Schedule
+from .schedule import Schedule, make_schedule
 
 KEEP_CHECKPOINTS = 2
 
@@ -107,6 +107,20 @@ class LoopSettings:
     save_every: int
     log_every: int
     early_stop: int = 0  # stop after this many validations in a row without a new best (0: never)
+
+    @classmethod
+    def from_config(cls, train: Any, total_steps: int, *, schedule_steps: int | None = None,
+                    **override: Any) -> LoopSettings:
+        """The settings of a ``TrainConfig`` for ``total_steps`` steps, the learning-rate schedule
+        spanning ``schedule_steps`` (default: the same steps); ``override`` replaces fields."""
+        values: dict[str, Any] = dict(
+            total_steps=total_steps, grad_accum=train.grad_accum,
+            schedule=make_schedule(train.schedule, train.learning_rate, schedule_steps or total_steps,
+                                   train.warmup_ratio),
+            max_grad_norm=train.max_grad_norm, eval_every=train.eval_every, save_every=train.save_every,
+            log_every=train.log_every, early_stop=train.early_stop)
+        values.update(override)
+        return cls(**values)
 
 
 @dataclass
