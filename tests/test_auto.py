@@ -194,3 +194,22 @@ def test_repetition_is_a_short_loop_not_a_long_answer():
     assert is_repetitive([9] * 40)
     assert not is_repetitive(list(range(60)))
     assert not is_repetitive([5, 6, 7] * 3)  # too short to judge
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_auto_is_refused_on_resume_and_under_several_processes(monkeypatch, tmp_path):
+    from macft.auto.driver import AutoRequest
+    from macft.commands.train import TrainOptions, train
+
+    cfg = RunConfig()
+    cfg.model.name, cfg.data.train = "m", "d"
+    with pytest.raises(MacftError) as e:
+        train(cfg, None, TrainOptions(auto=AutoRequest(), resume=tmp_path / "run"))
+    assert "Drop --auto" in e.value.hint
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(MacftError) as e:
+        train(cfg, None, TrainOptions(auto=AutoRequest()))
+    assert "macft tune" in e.value.hint
+    assert not (tmp_path / "run").exists()
